@@ -1,0 +1,151 @@
+"""Open any checkpoint a user has as one lazy, read-only mapping of LDM key -> tensor.
+
+Three formats come in: a single `.safetensors` file (memory-mapped), a pickled `.ckpt`/`.pt`
+(only through `torch.load(weights_only=True)`: a pickle that references anything but tensors and
+plain containers is refused, never run), and a diffusers folder (renamed key by key into the
+single-file layout, so every verb sees one layout). Dtypes and shapes are known on opening;
+tensor data is read when a key is looked up.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import warnings
+import zipfile
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+
+import torch
+
+from workbench.checkpoint.safetensors_io import SafetensorsFile, TensorInfo, info_of, read_header
+from workbench.errors import WorkbenchError
+
+SAFETENSORS_SUFFIXES = {".safetensors", ".sft"}
+PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin"}
+
+
+class Checkpoint(Mapping[str, torch.Tensor]):
+    """A read-only key -> tensor mapping over a checkpoint, with its header known up front."""
+
+    def __init__(
+        self,
+        path: Path,
+        format: str,
+        infos: dict[str, TensorInfo],
+        load: Callable[[str], torch.Tensor],
+        metadata: dict[str, str] | None = None,
+        close: Callable[[], None] | None = None,
+    ):
+        self.path = path
+        self.format = format  # "safetensors" | "ckpt" | "diffusers"
+        self.infos = infos
+        self.metadata = dict(metadata or {})
+        self._load = load
+        self._close = close
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self.infos:
+            raise KeyError(key)
+        return self._load(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.infos)
+
+    def __len__(self) -> int:
+        return len(self.infos)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.infos
+
+    @property
+    def nbytes(self) -> int:
+        return sum(i.nbytes for i in self.infos.values())
+
+    def close(self) -> None:
+        if self._close is not None:
+            self._close()
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Checkpoint({str(self.path)!r}, format={self.format!r}, keys={len(self)})"
+
+
+def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """Open a checkpoint file or diffusers folder. Bad input raises WorkbenchError naming the file."""
+    p = Path(path)
+    if not p.exists():
+        raise WorkbenchError(f"{p}: no such file or folder")
+    if p.is_dir():
+        if (p / "model_index.json").exists() or (p / "unet").is_dir():
+            from workbench.checkpoint.diffusers_folder import open_diffusers_folder
+
+            return open_diffusers_folder(p)
+        raise WorkbenchError(f"{p}: a folder, but not a diffusers model (no model_index.json)")
+    suffix = p.suffix.lower()
+    if suffix in PICKLE_SUFFIXES or (suffix not in SAFETENSORS_SUFFIXES and zipfile.is_zipfile(p)):
+        return _open_pickle(p)
+    return _open_safetensors(p)
+
+
+def _open_safetensors(path: Path) -> Checkpoint:
+    f = SafetensorsFile(path)
+    return Checkpoint(path, "safetensors", dict(f.header.infos), f.tensor, f.header.metadata, f.close)
+
+
+_GLOBAL_RE = re.compile(r"(?:GLOBAL|global)[: ]+([\w.]+)")
+
+
+def load_pickle_weights_only(path: Path) -> object:
+    """torch.load with weights_only=True; a refused pickle becomes one clear WorkbenchError."""
+    try:
+        with warnings.catch_warnings():
+            # torch warns about pickle protocols before refusing them; the refusal is what we report.
+            warnings.simplefilter("ignore")
+            return _torch_load(path)
+    except pickle.UnpicklingError as e:
+        found = _GLOBAL_RE.search(str(e))
+        what = f"references {found.group(1)}" if found else "holds more than tensors and plain containers"
+        raise WorkbenchError(
+            f"{path}: refused: the pickle {what}; wb loads .ckpt files only with weights_only=True "
+            "and never runs code from a checkpoint (convert it to .safetensors with a tool you trust)"
+        ) from None
+    except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise WorkbenchError(f"{path}: not a readable checkpoint ({first})") from None
+
+
+def _torch_load(path: Path) -> object:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as e:
+        if "mmap" not in str(e):  # mmap needs the zip format; old-style pickles load without it
+            raise
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _open_pickle(path: Path) -> Checkpoint:
+    obj = load_pickle_weights_only(path)
+    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping):
+        raise WorkbenchError(f"{path}: not a checkpoint (the pickle holds a {type(obj).__name__}, not a dict)")
+    tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise WorkbenchError(f"{path}: not a checkpoint (no tensors in it)")
+    infos = {k: info_of(t) for k, t in tensors.items()}
+    return Checkpoint(path, "ckpt", infos, tensors.__getitem__)
+
+
+def is_safetensors(path: str | os.PathLike) -> bool:
+    try:
+        read_header(Path(path))
+        return True
+    except WorkbenchError:
+        return False

@@ -1,0 +1,75 @@
+"""The toy model: a Stable-Diffusion-1-shaped model small enough to train and sample on a CPU.
+
+Sizes follow diffusers' own fast unit tests (UNet 32/64 channels, VAE 32/64, a 5-layer 32-wide
+CLIP text encoder) except the text encoder's vocabulary, which is the real 49,408-token CLIP one,
+so real prompts tokenize exactly as they do for SD1.5. A 64 px image is a 32x32x4 latent.
+"""
+
+from __future__ import annotations
+
+import copy
+
+TOY_UNET = {
+    "_class_name": "UNet2DConditionModel",
+    "sample_size": 32,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
+    "block_out_channels": [32, 64],
+    "layers_per_block": 2,
+    "attention_head_dim": 8,
+    "cross_attention_dim": 32,
+    "norm_num_groups": 32,
+}
+
+TOY_VAE = {
+    "_class_name": "AutoencoderKL",
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D"],
+    "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D"],
+    "block_out_channels": [32, 64],
+    "layers_per_block": 1,
+    "latent_channels": 4,
+    "norm_num_groups": 32,
+    "sample_size": 64,
+    "scaling_factor": 0.18215,
+}
+
+TOY_TEXT_ENCODER = {
+    "_class_name": "CLIPTextModel",
+    "vocab_size": 49408,
+    "hidden_size": 32,
+    "intermediate_size": 37,
+    "num_hidden_layers": 5,
+    "num_attention_heads": 4,
+    "max_position_embeddings": 77,
+    "hidden_act": "quick_gelu",
+    "layer_norm_eps": 1e-5,
+    "projection_dim": 32,
+    "bos_token_id": 49406,
+    "eos_token_id": 49407,
+    "pad_token_id": 49407,
+}
+
+# SD1.5's noise schedule: the toy model trains and samples exactly as the real one does.
+TOY_SCHEDULER = {
+    "_class_name": "PNDMScheduler",
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "steps_offset": 1,
+    "skip_prk_steps": True,
+    "set_alpha_to_one": False,
+    "clip_sample": False,
+    "prediction_type": "epsilon",
+}
+
+
+def toy_configs() -> dict[str, dict]:
+    """Fresh copies of the toy component configs, keyed by diffusers component name."""
+    return copy.deepcopy(
+        {"unet": TOY_UNET, "vae": TOY_VAE, "text_encoder": TOY_TEXT_ENCODER, "scheduler": TOY_SCHEDULER}
+    )
