@@ -34,12 +34,27 @@ SDXL = {
         ("sd2", {**UNET_SD, **VAE, **SD2_TE}, "sd2", []),
         ("sd2v", {**UNET_SD, **VAE, **SD2_TE, "v_pred": torch.tensor(0.0)}, "sd2", ["v-prediction"]),
         ("sdxl", {**UNET_SD, **VAE, **SDXL}, "sdxl", []),
-        ("refiner", {"model.diffusion_model.input_blocks.0.0.weight": z(384, 4, 3, 3),
-                     "conditioner.embedders.0.model.ln_final.weight": z(1280)}, "sdxl-refiner", []),
-        ("inpaint", {"model.diffusion_model.input_blocks.0.0.weight": z(320, 9, 3, 3), **SD1_TE},
-         "sd1", ["inpaint"]),
-        ("ip2p", {"model.diffusion_model.input_blocks.0.0.weight": z(320, 8, 3, 3), **SD1_TE},
-         "sd1", ["instruct-pix2pix"]),
+        (
+            "refiner",
+            {
+                "model.diffusion_model.input_blocks.0.0.weight": z(384, 4, 3, 3),
+                "conditioner.embedders.0.model.ln_final.weight": z(1280),
+            },
+            "sdxl-refiner",
+            [],
+        ),
+        (
+            "inpaint",
+            {"model.diffusion_model.input_blocks.0.0.weight": z(320, 9, 3, 3), **SD1_TE},
+            "sd1",
+            ["inpaint"],
+        ),
+        (
+            "ip2p",
+            {"model.diffusion_model.input_blocks.0.0.weight": z(320, 8, 3, 3), **SD1_TE},
+            "sd1",
+            ["instruct-pix2pix"],
+        ),
         ("toy", {"model.diffusion_model.input_blocks.0.0.weight": z(32, 4, 3, 3), **SD1_TE}, "toy", []),
     ],
 )

@@ -54,8 +54,13 @@ def test_reader_reads_reference_library_files(tmp_path):
 
 def test_writer_out_of_order_writes(tmp_path):
     tensors = sample_tensors()
-    plan = {k: TensorInfo({torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-                           torch.int64: "I64"}[t.dtype], tuple(t.shape)) for k, t in tensors.items()}
+    plan = {
+        k: TensorInfo(
+            {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64"}[t.dtype],
+            tuple(t.shape),
+        )
+        for k, t in tensors.items()
+    }
     with SafetensorsWriter(tmp_path / "o.safetensors", plan) as w:
         for k in reversed(list(tensors)):
             w.write(k, tensors[k])

@@ -83,7 +83,9 @@ def inspect(
         sys.stdout.write(json.dumps(d.to_json(), indent=2) + "\n")
         return
     variants = f" ({', '.join(d.variants)})" if d.variants else ""
-    out.print(f"[bold]{d.path}[/]  {d.format}, [cyan]{d.architecture}[/]{variants}, {human_bytes(d.size_bytes)}")
+    out.print(
+        f"[bold]{d.path}[/]  {d.format}, [cyan]{d.architecture}[/]{variants}, {human_bytes(d.size_bytes)}"
+    )
     if d.architecture == "toy":
         out.print(f"  a small model in the {d.layout} key layout")
     if d.sha256:
@@ -110,7 +112,9 @@ def inspect(
 @toy_app.command("init")
 @friendly
 def toy_init(
-    out_path: Path = typer.Argument(..., metavar="OUT.safetensors", help="Where to write the toy checkpoint."),
+    out_path: Path = typer.Argument(
+        ..., metavar="OUT.safetensors", help="Where to write the toy checkpoint."
+    ),
     seed: int = typer.Option(0, help="Seed of the random initialisation."),
 ) -> None:
     """Write a tiny randomly initialised SD1-layout checkpoint (no GPU, no network)."""

@@ -81,7 +81,9 @@ def split_components(keys: Mapping[str, TensorInfo], layout: str) -> dict[str, l
     return parts
 
 
-def detect_architecture(keys: Mapping[str, TensorInfo], metadata: Mapping[str, str]) -> tuple[str, str, list[str]]:
+def detect_architecture(
+    keys: Mapping[str, TensorInfo], metadata: Mapping[str, str]
+) -> tuple[str, str, list[str]]:
     """(architecture, layout, variants). `toy` is a model in a real layout with non-real widths."""
     layout = detect_layout(keys)
     variants: list[str] = []

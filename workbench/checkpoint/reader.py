@@ -16,18 +16,20 @@ import warnings
 import zipfile
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from workbench.checkpoint.safetensors_io import SafetensorsFile, TensorInfo, info_of, read_header
 from workbench.errors import WorkbenchError
+
+if TYPE_CHECKING:
+    import torch
 
 SAFETENSORS_SUFFIXES = {".safetensors", ".sft"}
 PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin"}
 
 
-class Checkpoint(Mapping[str, torch.Tensor]):
-    """A read-only key -> tensor mapping over a checkpoint, with its header known up front."""
+class Checkpoint(Mapping):
+    """A read-only key -> tensor mapping (Mapping[str, torch.Tensor]) whose header is known up front."""
 
     def __init__(
         self,
@@ -122,6 +124,8 @@ def load_pickle_weights_only(path: Path) -> object:
 
 
 def _torch_load(path: Path) -> object:
+    import torch
+
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except RuntimeError as e:
@@ -131,11 +135,15 @@ def _torch_load(path: Path) -> object:
 
 
 def _open_pickle(path: Path) -> Checkpoint:
+    import torch
+
     obj = load_pickle_weights_only(path)
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping):
-        raise WorkbenchError(f"{path}: not a checkpoint (the pickle holds a {type(obj).__name__}, not a dict)")
+        raise WorkbenchError(
+            f"{path}: not a checkpoint (the pickle holds a {type(obj).__name__}, not a dict)"
+        )
     tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
     if not tensors:
         raise WorkbenchError(f"{path}: not a checkpoint (no tensors in it)")

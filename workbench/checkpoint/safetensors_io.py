@@ -15,28 +15,40 @@ import struct
 import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from workbench.errors import WorkbenchError
 
-# safetensors dtype name <-> torch dtype. Order matters only for readability.
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-}
-TORCH_TO_NAME = {v: k for k, v in DTYPES.items()}
+if TYPE_CHECKING:
+    import torch
+
+# Bytes per element of each safetensors dtype. Reading a header needs no torch: `wb inspect`
+# stays light (importing the CUDA build of torch alone costs ~700 MB of resident memory).
+ITEMSIZE = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+    "F8_E4M3": 1, "F8_E5M2": 1,
+}  # fmt: skip
+
+
+@cache
+def torch_dtypes() -> dict[str, torch.dtype]:
+    """safetensors dtype name -> torch dtype."""
+    import torch
+
+    return {
+        "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+        "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+        "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    }  # fmt: skip
+
+
+@cache
+def dtype_names() -> dict[torch.dtype, str]:
+    return {v: k for k, v in torch_dtypes().items()}
+
+
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the reference implementation's own limit
 
@@ -57,7 +69,7 @@ class TensorInfo:
 
     @property
     def nbytes(self) -> int:
-        return self.numel * DTYPES[self.dtype].itemsize
+        return self.numel * ITEMSIZE[self.dtype]
 
     @property
     def is_float(self) -> bool:
@@ -65,13 +77,14 @@ class TensorInfo:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
+        return torch_dtypes()[self.dtype]
 
 
 def info_of(tensor: torch.Tensor) -> TensorInfo:
-    if tensor.dtype not in TORCH_TO_NAME:
+    name = dtype_names().get(tensor.dtype)
+    if name is None:
         raise WorkbenchError(f"dtype {tensor.dtype} cannot be stored in safetensors")
-    return TensorInfo(TORCH_TO_NAME[tensor.dtype], tuple(tensor.shape))
+    return TensorInfo(name, tuple(tensor.shape))
 
 
 @dataclass(frozen=True)
@@ -114,7 +127,7 @@ def read_header(path: Path) -> Header:
             dtype, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
         except (KeyError, TypeError, ValueError) as e:
             raise WorkbenchError(f"{path}: malformed header entry for key {key!r}") from e
-        if dtype not in DTYPES:
+        if dtype not in ITEMSIZE:
             raise WorkbenchError(f"{path}: key {key!r} has unsupported dtype {dtype}")
         info = TensorInfo(dtype, shape)
         if end - begin != info.nbytes or begin < 0:
@@ -147,6 +160,8 @@ class SafetensorsFile:
         return self._mmap
 
     def tensor(self, key: str) -> torch.Tensor:
+        import torch
+
         info = self.header.infos[key]
         begin, _ = self.header.offsets[key]
         if info.numel == 0:
@@ -160,6 +175,8 @@ class SafetensorsFile:
 
 
 def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    import torch
+
     t = tensor.detach().to("cpu").contiguous().reshape(-1)
     return memoryview(t.view(torch.uint8).numpy()).cast("B")
 
@@ -199,7 +216,11 @@ class SafetensorsWriter:
         pos = 0
         self._offsets: dict[str, int] = {}
         for key, info in self.plan.items():
-            header[key] = {"dtype": info.dtype, "shape": list(info.shape), "data_offsets": [pos, pos + info.nbytes]}
+            header[key] = {
+                "dtype": info.dtype,
+                "shape": list(info.shape),
+                "data_offsets": [pos, pos + info.nbytes],
+            }
             self._offsets[key] = pos
             pos += info.nbytes
         raw = json.dumps(header, separators=(",", ":")).encode()
@@ -236,7 +257,9 @@ class SafetensorsWriter:
             raise KeyError(f"{key!r} is not in this file's plan")
         got = info_of(tensor)
         if got != want:
-            raise ValueError(f"{key!r}: planned {want.dtype}{list(want.shape)}, got {got.dtype}{list(got.shape)}")
+            raise ValueError(
+                f"{key!r}: planned {want.dtype}{list(want.shape)}, got {got.dtype}{list(got.shape)}"
+            )
         self._pwrite(_tensor_bytes(tensor), len(self._prefix) + self._offsets[key])
         self._written.add(key)
 
@@ -255,7 +278,9 @@ class SafetensorsWriter:
         missing = [k for k in self.plan if k not in self._written]
         if missing:
             self._discard()
-            raise WorkbenchError(f"{self.path}: internal error: {len(missing)} tensors never written ({missing[0]})")
+            raise WorkbenchError(
+                f"{self.path}: internal error: {len(missing)} tensors never written ({missing[0]})"
+            )
         try:
             os.fsync(self._fd)
             os.close(self._fd)
@@ -293,3 +318,12 @@ def save_tensors(
         for k, t in tensors.items():
             w.write(k, t)
     return Path(path)
+
+
+def __getattr__(name: str):
+    # DTYPES / TORCH_TO_NAME as lazy module attributes: torch is imported only when they are used.
+    if name == "DTYPES":
+        return torch_dtypes()
+    if name == "TORCH_TO_NAME":
+        return dtype_names()
+    raise AttributeError(name)

@@ -8,6 +8,13 @@ so real prompts tokenize exactly as they do for SD1.5. A 64 px image is a 32x32x
 from __future__ import annotations
 
 import copy
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from workbench import __version__
 
 TOY_UNET = {
     "_class_name": "UNet2DConditionModel",
@@ -73,3 +80,46 @@ def toy_configs() -> dict[str, dict]:
     return copy.deepcopy(
         {"unet": TOY_UNET, "vae": TOY_VAE, "text_encoder": TOY_TEXT_ENCODER, "scheduler": TOY_SCHEDULER}
     )
+
+
+def toy_components(seed: int = 0) -> dict:
+    """Randomly initialised diffusers/transformers modules of the toy model, seeded."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    cfg = toy_configs()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel.from_config(_strip(cfg["unet"]))
+        vae = AutoencoderKL.from_config(_strip(cfg["vae"]))
+        text_encoder = CLIPTextModel(CLIPTextConfig(**_strip(cfg["text_encoder"])))
+    return {"unet": unet, "vae": vae, "text_encoder": text_encoder}
+
+
+def _strip(config: dict) -> dict:
+    return {k: v for k, v in config.items() if not k.startswith("_")}
+
+
+def toy_metadata(configs: dict, made_by: str) -> dict[str, str]:
+    """Metadata that makes a toy file self-describing: wb rebuilds its modules from these configs."""
+    return {
+        "format": "pt",
+        "wb.architecture": "toy",
+        "wb.diffusers_configs": json.dumps(configs, sort_keys=True),
+        "wb.made_by": made_by,
+        "wb.version": __version__,
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": "wb-toy/sd1-layout",
+        "modelspec.title": "wb toy model",
+    }
+
+
+def toy_init(out_path: str | os.PathLike, seed: int = 0) -> Path:
+    """Write a randomly initialised toy checkpoint in the SD1 single-file (LDM) layout."""
+    from workbench.checkpoint.convert import diffusers_to_ldm
+    from workbench.checkpoint.safetensors_io import save_tensors
+
+    modules = toy_components(seed)
+    configs = toy_configs()
+    ldm = diffusers_to_ldm({name: m.state_dict() for name, m in modules.items()}, "sd1", configs)
+    return save_tensors(out_path, ldm, toy_metadata(configs, f"wb toy init --seed {seed}"))
