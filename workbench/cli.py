@@ -97,14 +97,22 @@ def inspect(
         dtypes = ", ".join(f"{k} {human_count(v)}" for k, v in sorted(c.dtypes.items()))
         table.add_row(name, str(c.keys), human_count(c.params), human_bytes(c.bytes), dtypes)
     out.print(table)
-    shown = {k: v for k, v in d.metadata.items() if k not in ("sd_merge_recipe", "sd_merge_models")}
+    hidden = ("sd_merge_recipe", "sd_merge_models", "wb.swap")
+    shown = {k: v for k, v in d.metadata.items() if k not in hidden}
     if shown:
         meta = Table(title="metadata", title_justify="left", show_header=False)
         meta.add_column("key", style="dim")
         meta.add_column("value", overflow="fold")
         for k, v in sorted(shown.items()):
-            meta.add_row(k, v if len(v) <= 300 else v[:300] + " ...")
+            meta.add_row(k, v if len(v) <= 120 else v[:120] + " ... (--json shows all)")
         out.print(meta)
+    if "wb.swap" in d.metadata:
+        swap_table = Table(title="assembled by wb swap", title_justify="left")
+        for col in ("component", "from", "sha256"):
+            swap_table.add_column(col)
+        for component, src in json.loads(d.metadata["wb.swap"]).items():
+            swap_table.add_row(component, src.get("path", ""), (src.get("sha256") or "")[:10])
+        out.print(swap_table)
     if d.ancestry:
         out.print("[bold]merge ancestry[/] (sd_merge_recipe / sd_merge_models present)")
 
@@ -122,6 +130,50 @@ def toy_init(
 
     path = make(out_path, seed=seed)
     out.print(f"wrote [bold]{path}[/] (toy model, seed {seed}, {human_bytes(path.stat().st_size)})")
+
+
+swap_app = typer.Typer(
+    help="Swap components: the UNet of one checkpoint with the text encoder of another.",
+    invoke_without_command=True,
+)
+app.add_typer(swap_app, name="swap")
+
+
+@swap_app.callback()
+@friendly
+def swap(
+    ctx: typer.Context,
+    unet: Path = typer.Option(None, "--unet", help="Checkpoint whose UNet (and EMA) to take."),
+    te: Path = typer.Option(None, "--te", help="Checkpoint whose text encoder(s) to take (SDXL: both)."),
+    vae: Path = typer.Option(
+        None, "--vae", help="Checkpoint whose VAE to take (default: --base, else --te)."
+    ),
+    base: Path = typer.Option(None, "--base", help="Checkpoint for every other key (default: --te)."),
+    te_l: Path = typer.Option(None, "--te-l", help="SDXL: checkpoint whose CLIP-L text encoder to take."),
+    te_g: Path = typer.Option(None, "--te-g", help="SDXL: checkpoint whose OpenCLIP-G text encoder to take."),
+    output: Path = typer.Option(None, "-o", "--output", help="The checkpoint to write (.safetensors)."),
+) -> None:
+    """Write a checkpoint with every UNet key from --unet and every text encoder key from --te.
+
+    Tensors are copied byte for byte; the output's metadata records the sha256 of the file each
+    component came from (see `wb inspect`). `wb swap matrix` renders every UNet x TE combination.
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    if unet is None or output is None or not (te or te_l or te_g):
+        fail("wb swap needs --unet X, --te Y (or --te-l/--te-g) and -o OUT; see wb swap --help")
+    from workbench.swap.assemble import swap_components
+
+    result = swap_components(output, unet, te, vae=vae, base=base, te_l=te_l, te_g=te_g)
+    table = Table(title=f"wrote {result.path}", title_justify="left")
+    table.add_column("component")
+    table.add_column("from")
+    table.add_column("keys", justify="right")
+    for component, source in result.sources.items():
+        if component == "other" and not result.keys.get("other"):
+            continue
+        table.add_row(component, source, str(result.keys.get(component, 0)))
+    out.print(table)
 
 
 def main() -> None:  # pragma: no cover - console script entry

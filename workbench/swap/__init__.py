@@ -1,0 +1,1 @@
+"""Component swaps: build a checkpoint from the UNet of one, the text encoder of another, ..."""
