@@ -67,20 +67,11 @@ def _kwargs(config: Mapping) -> dict:
 def _empty_module(component: str, config: Mapping) -> torch.nn.Module:
     """A module with its parameters on the meta device (no random init), buffers real."""
     from accelerate import init_empty_weights
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from workbench.checkpoint.convert import build_model
 
     with init_empty_weights(include_buffers=False):
-        if component == "unet":
-            return UNet2DConditionModel.from_config(_kwargs(config))
-        if component == "vae":
-            return AutoencoderKL.from_config(_kwargs(config))
-        cls = (
-            CLIPTextModelWithProjection
-            if config.get("_class_name") == "CLIPTextModelWithProjection"
-            else CLIPTextModel
-        )
-        return cls(CLIPTextConfig(**_kwargs(config)))
+        return build_model(component, config)
 
 
 def load_modules(

@@ -196,22 +196,25 @@ def _checked_against(component: str, sd: dict[str, Tensor], model) -> dict[str, 
 def _empty_model(component: str, config: Mapping):
     """The model a config describes, on the meta device (no memory, no init cost)."""
     with torch.device("meta"):
-        if component == "unet":
-            from diffusers import UNet2DConditionModel
+        return build_model(component, config)
 
-            return UNet2DConditionModel.from_config(dict(config))
-        if component == "vae":
-            from diffusers import AutoencoderKL
 
-            return AutoencoderKL.from_config(dict(config))
-        from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+def build_model(component: str, config: Mapping):
+    """The diffusers/transformers module for one component ("unet", "vae", "text_encoder",
+    "text_encoder_2") from its config dict, created on torch's current default device."""
+    if component == "unet":
+        from diffusers import UNet2DConditionModel
 
-        cls = (
-            CLIPTextModelWithProjection
-            if _te_class_name(component, config).endswith("Projection")
-            else CLIPTextModel
-        )
-        return cls(CLIPTextConfig.from_dict(dict(config)))
+        return UNet2DConditionModel.from_config(dict(config))
+    if component == "vae":
+        from diffusers import AutoencoderKL
+
+        return AutoencoderKL.from_config(dict(config))
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    projection = _te_class_name(component, config).endswith("Projection")
+    cls = CLIPTextModelWithProjection if projection else CLIPTextModel
+    return cls(CLIPTextConfig.from_dict(dict(config)))
 
 
 def _te_class_name(component: str, config: Mapping) -> str:

@@ -84,20 +84,12 @@ def toy_configs() -> dict[str, dict]:
 
 def toy_components(seed: int = 0) -> dict:
     """Randomly initialised diffusers/transformers modules of the toy model, seeded."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from workbench.checkpoint.convert import build_model
 
     cfg = toy_configs()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        unet = UNet2DConditionModel.from_config(_strip(cfg["unet"]))
-        vae = AutoencoderKL.from_config(_strip(cfg["vae"]))
-        text_encoder = CLIPTextModel(CLIPTextConfig(**_strip(cfg["text_encoder"])))
-    return {"unet": unet, "vae": vae, "text_encoder": text_encoder}
-
-
-def _strip(config: dict) -> dict:
-    return {k: v for k, v in config.items() if not k.startswith("_")}
+        return {name: build_model(name, cfg[name]) for name in ("unet", "vae", "text_encoder")}
 
 
 def toy_metadata(configs: dict, made_by: str) -> dict[str, str]:
