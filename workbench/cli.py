@@ -132,6 +132,16 @@ def toy_init(
     out.print(f"wrote [bold]{path}[/] (toy model, seed {seed}, {human_bytes(path.stat().st_size)})")
 
 
+# Training: the commands live with the train package; registered here so `wb --help` lists them.
+from workbench.train.cli import recipe_app, runs_diff  # noqa: E402
+from workbench.train.cli import train as train_command  # noqa: E402
+
+app.command("train")(friendly(train_command))
+app.add_typer(recipe_app, name="recipe")
+runs_app = typer.Typer(help="Training runs: compare what ran.", no_args_is_help=True)
+app.add_typer(runs_app, name="runs")
+runs_app.command("diff")(friendly(runs_diff))
+
 swap_app = typer.Typer(
     help="Swap components: the UNet of one checkpoint with the text encoder of another.",
     invoke_without_command=True,

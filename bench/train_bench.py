@@ -1,0 +1,223 @@
+"""wb's training loop against a minimal hand-written diffusers loop: steps/s and peak memory.
+
+    python bench/train_bench.py [--steps 60] [--reps 3]          # CPU: the toy model, 32 px, batch 2
+    python bench/train_bench.py --gpu [--steps 30]               # CUDA: SD1.5-size random weights
+
+CPU mode runs, in one invocation, both loops on the same toy data (toy:shapes, 96 images), batch,
+optimizer (AdamW, UNet and text encoder each with its own) and seed, each in a fresh process
+(so peak RSS is per loop), alternating wb / hand `--reps` times so machine load hits both alike.
+Steps/s is measured from the end of the first `--warmup` steps to the last step, data loading
+included, validation and saving off (wb saves once at the end, after the clock stops).
+Target: wb's overhead under 10%.
+
+GPU mode trains an SD1.5-size model with random weights (bench/make_sd15.py) at 512 px, batch 4,
+gradient checkpointing and bf16 with adamw8bit, dadapt_adam and prodigy through wb, and reports
+steps/s and peak VRAM (torch.cuda.max_memory_allocated). Targets (issue 6): dadapt_adam under
+20 GB, its step time within 1.2x of adamw8bit's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+N_IMAGES, RESOLUTION, BATCH, LR, TE_LR, SEED = 96, 32, 2, 2e-4, 1e-4, 555
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def rate(times: list[float], warmup: int) -> float:
+    """Steps per second between the end of step `warmup` and the end of the last step."""
+    done = times[warmup - 1 :]
+    return (len(done) - 1) / (done[-1] - done[0])
+
+
+def run_wb(
+    base: str, steps: int, warmup: int, out: Path, optimizer: str = "adamw", gpu: bool = False
+) -> dict:
+    from workbench.train.loop import train
+    from workbench.train.recipe import parse_recipe
+    from workbench.train.runs import read_metrics
+
+    recipe = {
+        "model": {"base": base},
+        "data": {"root": "toy:shapes", "resolution": 512 if gpu else RESOLUTION, "toy": {"n": N_IMAGES}},
+        "validation": {"enabled": False},
+        "optimizer": {
+            "name": optimizer,
+            "lr": 1.0 if optimizer in ("dadapt_adam", "prodigy") else LR,
+            "text_encoder": {"lr": 0.5 if optimizer in ("dadapt_adam", "prodigy") else TE_LR},
+        },
+        "training": {
+            "max_steps": steps,
+            "batch_size": 4 if gpu else BATCH,
+            "seed": SEED,
+            "gradient_checkpointing": gpu,
+            "device": "auto" if gpu else "cpu",
+        },
+        "saving": {"every_n_epochs": None},
+        "logging": {"tensorboard": False, "every_n_steps": 1},
+    }
+    if gpu:
+        import torch
+
+        torch.cuda.reset_peak_memory_stats()
+    train(parse_recipe(recipe, "bench"), out)
+    times = [m["time"] for m in read_metrics(out) if "loss/train" in m]
+    result = {
+        "loop": "wb",
+        "optimizer": optimizer,
+        "steps_per_s": rate(times, warmup),
+        "peak_rss_mb": peak_rss_mb(),
+    }
+    if gpu:
+        import torch
+
+        result["peak_vram_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    return result
+
+
+def run_hand(base: str, steps: int, warmup: int) -> dict:
+    """The loop a diffusers user would write: nothing but the training step."""
+    import torch
+    import torch.nn.functional as F
+    from diffusers import DDPMScheduler
+
+    from workbench.pipeline import load_modules
+    from workbench.tokenizer import clip_tokenizer
+    from workbench.toy.shapes import ShapesDataset
+
+    torch.manual_seed(SEED)
+    m = load_modules(base)
+    unet, te, vae = m["unet"], m["text_encoder"], m["vae"]
+    unet.requires_grad_(True).train()
+    te.requires_grad_(True).train()
+    tokenizer = clip_tokenizer()
+    sched = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    opts = [
+        torch.optim.AdamW(unet.parameters(), lr=LR, weight_decay=0.01),
+        torch.optim.AdamW(te.parameters(), lr=TE_LR, weight_decay=0.01),
+    ]
+    loader = torch.utils.data.DataLoader(
+        ShapesDataset(N_IMAGES, 0, size=RESOLUTION), batch_size=BATCH, shuffle=True
+    )
+    times: list[float] = []
+    while len(times) < steps:
+        for pixels, captions in loader:
+            with torch.no_grad():
+                latents = vae.encode(pixels).latent_dist.sample() * 0.18215
+            noise = torch.randn_like(latents)
+            t = torch.randint(0, 1000, (latents.shape[0],))
+            ids = tokenizer(
+                list(captions), padding="max_length", max_length=77, truncation=True, return_tensors="pt"
+            ).input_ids
+            pred = unet(sched.add_noise(latents, noise, t), t, te(ids)[0]).sample
+            F.mse_loss(pred, noise).backward()
+            for opt in opts:
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            times.append(time.time())
+            if len(times) == steps:
+                break
+    return {
+        "loop": "hand",
+        "optimizer": "adamw",
+        "steps_per_s": rate(times, warmup),
+        "peak_rss_mb": peak_rss_mb(),
+    }
+
+
+def child(args) -> None:
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    if args.child == "wb":
+        result = run_wb(args.base, args.steps, args.warmup, Path(args.out), args.optimizer, args.gpu)
+    else:
+        result = run_hand(args.base, args.steps, args.warmup)
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def spawn(kind: str, base: str, args, out: Path | None = None, optimizer: str = "adamw") -> dict:
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        kind,
+        "--base",
+        base,
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+        "--optimizer",
+        optimizer,
+    ] + (["--out", str(out)] if out else [])
+    cmd += ["--gpu"] if args.gpu else []
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    if done.returncode != 0 or not lines:
+        sys.exit(f"{kind} failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
+    return json.loads(lines[-1][len("RESULT ") :])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--gpu", action="store_true")
+    ap.add_argument("--optimizers", default="adamw8bit,dadapt_adam,prodigy")
+    ap.add_argument("--child", choices=["wb", "hand"])
+    ap.add_argument("--base")
+    ap.add_argument("--out")
+    ap.add_argument("--optimizer", default="adamw")
+    args = ap.parse_args()
+    if args.child:
+        return child(args)
+    with tempfile.TemporaryDirectory(prefix="wb-train-bench-") as tmp:
+        tmp = Path(tmp)
+        if args.gpu:
+            sys.path.insert(0, str(Path(__file__).parent))
+            from make_sd15 import write_sd15
+
+            base = str(write_sd15(tmp / "sd15.safetensors"))
+            rows = [spawn("wb", base, args, tmp / f"run-{o}", o) for o in args.optimizers.split(",")]
+            for r in rows:
+                vram = r["peak_vram_gb"]
+                print(f"{r['optimizer']:12s} {r['steps_per_s']:.3f} steps/s  peak VRAM {vram:.1f} GiB")
+            print(json.dumps(rows))
+            return
+        from workbench.toy.model import toy_init
+
+        base = str(toy_init(tmp / "base.safetensors", seed=0))
+        results: dict[str, list[dict]] = {"wb": [], "hand": []}
+        for rep in range(args.reps):
+            for kind in ("wb", "hand") if rep % 2 == 0 else ("hand", "wb"):
+                results[kind].append(spawn(kind, base, args, tmp / f"run-{rep}" if kind == "wb" else None))
+        wb = statistics.median(r["steps_per_s"] for r in results["wb"])
+        hand = statistics.median(r["steps_per_s"] for r in results["hand"])
+        for kind, speed in (("wb", wb), ("hand", hand)):
+            rss = max(r["peak_rss_mb"] for r in results[kind])
+            runs = ", ".join(f"{r['steps_per_s']:.2f}" for r in results[kind])
+            print(f"{kind:5s} {speed:6.2f} steps/s (median of {runs})  peak RSS {rss:.0f} MB")
+        setup = f"{os.cpu_count()} CPUs, {args.steps} steps, batch {BATCH}, {RESOLUTION} px"
+        load = os.getloadavg()[0]
+        print(
+            f"wb overhead: {100 * (hand / wb - 1):+.1f}% step time (target < 10%); {setup}, load {load:.1f}"
+        )
+
+
+if __name__ == "__main__":
+    main()

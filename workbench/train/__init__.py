@@ -1,0 +1,1 @@
+"""wb train: recipe-driven Stable Diffusion fine-tuning (see docs/train.md)."""

@@ -1,0 +1,229 @@
+"""Training data: captioned images from a folder or the procedural toy set, split reproducibly.
+
+Captions follow EveryDream2 / kohya: a `.txt` sidecar beside the image, else `.caption`, else the
+file name up to the first `_` ("red circle_003.png" -> "red circle"). Images are resized so the
+shorter side is `resolution`, then center-cropped square. (Aspect-ratio buckets are a later slice.)
+
+The validation split is a pure function of (the sorted example keys, proportion, seed), so the same
+data and seed give the same split on any machine; it is written to `split.json` in the run folder.
+The stabilize-train subset (for `loss/train_stable`) is a fixed sample of the TRAIN examples, so its
+loss shows how well the model fits data it trains on, measured as stably as validation loss.
+
+Augmentation (flip, caption dropout, tag shuffling) draws from a generator seeded by
+(seed, epoch, index): an example looks the same whenever it is visited at the same point of a run,
+which is what a future exact resume needs, and is independent of batch size and worker count.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from workbench.errors import WorkbenchError
+from workbench.train.recipe import TOY_DATA, DataSection
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+CAPTION_SUFFIXES = (".txt", ".caption")
+
+
+@dataclass(frozen=True)
+class Example:
+    """One image and its caption. `key` identifies it in split.json (a relative path or toy:NNNN)."""
+
+    key: str
+    caption: str
+    path: Path | None = None
+    spec: object | None = None  # a workbench.toy.shapes.ShapeSpec for toy:shapes
+
+
+def caption_for(image: Path) -> str:
+    for suffix in CAPTION_SUFFIXES:
+        sidecar = image.with_suffix(suffix)
+        if sidecar.is_file():
+            return sidecar.read_text(encoding="utf-8").strip()
+    return image.stem.split("_", 1)[0].strip()
+
+
+def load_examples(data: DataSection) -> list[Example]:
+    """Every example of the recipe's data, in a fixed order (sorted keys)."""
+    if data.root == TOY_DATA:
+        from workbench.toy.shapes import sample_specs
+
+        toy = data.toy
+        try:
+            specs = sample_specs(toy.n, toy.seed, shapes=toy.shapes, fg=toy.fg, bg=toy.bg)
+        except ValueError as e:
+            raise WorkbenchError(f"data.toy: {e}") from None
+        digits = len(str(toy.n - 1))
+        return [Example(f"toy:{i:0{digits}d}", s.caption, spec=s) for i, s in enumerate(specs)]
+    root = Path(data.root)
+    if not root.is_dir():
+        raise WorkbenchError(f"data.root: {root} is not a folder")
+    images = sorted(
+        p
+        for p in root.rglob("*")
+        if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() and not _hidden(p, root)
+    )
+    if not images:
+        raise WorkbenchError(f"data.root: no images ({', '.join(IMAGE_SUFFIXES)}) under {root}")
+    return [Example(p.relative_to(root).as_posix(), caption_for(p), path=p) for p in images]
+
+
+def _hidden(path: Path, root: Path) -> bool:
+    return any(part.startswith(".") for part in path.relative_to(root).parts)
+
+
+def split_examples(
+    examples: list[Example], proportion: float, seed: int
+) -> tuple[list[Example], list[Example]]:
+    """(train, validation): disjoint, a fixed share `proportion` held out, chosen by `seed`."""
+    n = len(examples)
+    n_val = max(1, round(n * proportion))
+    if n_val >= n:
+        raise WorkbenchError(
+            f"validation.split: {proportion} of {n} examples leaves nothing to train on; "
+            "use more data or a smaller split"
+        )
+    order = list(range(n))
+    random.Random(f"wb-validation-split:{seed}").shuffle(order)
+    held = set(order[:n_val])
+    return [e for i, e in enumerate(examples) if i not in held], [
+        e for i, e in enumerate(examples) if i in held
+    ]
+
+
+def stable_subset(train: list[Example], proportion: float, seed: int) -> list[Example]:
+    """A fixed sample of the training examples for loss/train_stable (at least one)."""
+    k = max(1, round(len(train) * proportion))
+    chosen = set(random.Random(f"wb-stabilize:{seed}").sample(range(len(train)), k))
+    return [e for i, e in enumerate(train) if i in chosen]
+
+
+def write_split(path: Path, train: list[Example], validation: list[Example], stable: list[Example]) -> None:
+    record = {
+        "train": [e.key for e in train],
+        "validation": [e.key for e in validation],
+        "stabilize_train": [e.key for e in stable],
+    }
+    path.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+
+
+def fingerprint(examples: list[Example]) -> dict:
+    """What identifies the data: count, and a sha256 over every key, caption and image content.
+
+    Two runs with the same fingerprint saw the same images with the same captions (content, not
+    file dates). Hashing reads every image once at the start of a run.
+    """
+    h = hashlib.sha256()
+    for e in examples:
+        h.update(e.key.encode() + b"\0" + e.caption.encode() + b"\0")
+        if e.path is not None:
+            with open(e.path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+        else:
+            h.update(repr(e.spec).encode())
+        h.update(b"\n")
+    return {"examples": len(examples), "sha256": h.hexdigest()}
+
+
+def load_image(path: Path, resolution: int) -> Image.Image:
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+    except Exception as e:  # PIL raises many types for broken files
+        raise WorkbenchError(f"{path}: cannot read the image ({type(e).__name__}: {e})") from None
+    w, h = im.size
+    scale = resolution / min(w, h)
+    if scale != 1:
+        im = im.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))), Image.BICUBIC)
+    w, h = im.size
+    left, top = (w - resolution) // 2, (h - resolution) // 2
+    return im.crop((left, top, left + resolution, top + resolution))
+
+
+class CaptionedImages(torch.utils.data.Dataset):
+    """Map-style dataset: index -> {"pixels": float tensor (3, R, R) in [-1, 1], "caption": str}.
+
+    With `augment` False (validation, stabilize-train) items are exactly the data: no flip, no
+    dropout, no shuffling.
+    """
+
+    def __init__(self, examples: list[Example], data: DataSection, seed: int = 0, augment: bool = True):
+        self.examples = examples
+        self.resolution = data.resolution
+        self.flip_p = data.flip_p if augment else 0.0
+        self.cond_dropout = data.cond_dropout if augment else 0.0
+        self.shuffle_tags = data.shuffle_tags and augment
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def image(self, example: Example) -> np.ndarray:
+        if example.spec is not None:
+            from workbench.toy.shapes import render_array
+
+            return render_array(example.spec, self.resolution)
+        assert example.path is not None
+        return np.array(load_image(example.path, self.resolution))  # a writable copy for torch
+
+    def __getitem__(self, index: int) -> dict:
+        example = self.examples[index]
+        pixels = (
+            torch.from_numpy(np.ascontiguousarray(self.image(example))).permute(2, 0, 1).float() / 127.5 - 1
+        )
+        caption = example.caption
+        if self.flip_p or self.cond_dropout or self.shuffle_tags:
+            rng = np.random.default_rng([self.seed, self.epoch, index])
+            if rng.random() < self.flip_p:
+                pixels = pixels.flip(-1)
+            if self.shuffle_tags:
+                caption = _shuffle_tags(caption, rng)
+            if rng.random() < self.cond_dropout:
+                caption = ""
+        return {"pixels": pixels, "caption": caption}
+
+
+def _shuffle_tags(caption: str, rng: np.random.Generator) -> str:
+    # The first tag (usually the subject or a trigger word) stays first, as in EveryDream2.
+    tags = [t.strip() for t in caption.split(",")]
+    if len(tags) <= 2:
+        return caption
+    rest = tags[1:]
+    rest = [rest[i] for i in rng.permutation(len(rest))]
+    return ", ".join([tags[0], *rest])
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """A fresh permutation each epoch, a pure function of (seed, epoch)."""
+
+    def __init__(self, n: int, seed: int):
+        self.n = n
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+
+def collate(items: list[dict]) -> dict:
+    return {"pixels": torch.stack([i["pixels"] for i in items]), "caption": [i["caption"] for i in items]}

@@ -1,0 +1,91 @@
+"""The pieces of a Stable Diffusion training step shared by the loop and validation.
+
+Epsilon prediction on VAE latents: encode the image, add noise at timestep t with the DDPM
+schedule of the model, predict the noise from the noisy latent and the caption, MSE. All random
+numbers come from explicit CPU torch.Generators (then moved to the device), so a seed means the
+same numbers on every device, and validation can use its own generator that training never touches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from workbench.errors import WorkbenchError
+
+
+@dataclass
+class Models:
+    unet: torch.nn.Module
+    text_encoder: torch.nn.Module
+    vae: torch.nn.Module
+    tokenizer: object
+    noise_scheduler: object  # diffusers DDPMScheduler with the model's beta schedule
+    scaling_factor: float
+
+
+def noise_scheduler_for(config: dict):
+    """A DDPMScheduler with the beta schedule of the model's (inference) scheduler config."""
+    from diffusers import DDPMScheduler
+
+    prediction = config.get("prediction_type", "epsilon")
+    if prediction != "epsilon":
+        raise WorkbenchError(
+            f"model: {prediction} models cannot be trained yet (this slice trains epsilon prediction)"
+        )
+    return DDPMScheduler(
+        num_train_timesteps=config.get("num_train_timesteps", 1000),
+        beta_start=config.get("beta_start", 0.00085),
+        beta_end=config.get("beta_end", 0.012),
+        beta_schedule=config.get("beta_schedule", "scaled_linear"),
+        prediction_type="epsilon",
+    )
+
+
+def tokenize(tokenizer, captions: list[str], device) -> torch.Tensor:
+    ids = tokenizer(
+        captions,
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
+    return ids.to(device)
+
+
+def encode_latents(
+    vae, pixels: torch.Tensor, scaling_factor: float, generator: torch.Generator | None = None, eps=None
+) -> torch.Tensor:
+    """A sample of the VAE's latent distribution (as SD training does): mean + std * eps, with eps
+    drawn from `generator` or given (validation draws it per example)."""
+    dist = vae.encode(pixels.to(dtype=next(vae.parameters()).dtype)).latent_dist
+    if eps is None:
+        eps = torch.randn(dist.mean.shape, generator=generator, dtype=torch.float32)
+    latents = dist.mean.float() + dist.std.float() * eps.to(dist.mean.device, torch.float32)
+    return latents * scaling_factor  # float32 even under autocast: the loss target must not be rounded
+
+
+def epsilon_loss(
+    models: Models,
+    latents: torch.Tensor,
+    input_ids: torch.Tensor,
+    noise: torch.Tensor,
+    timesteps: torch.Tensor,
+    min_snr_gamma: float | None = None,
+) -> torch.Tensor:
+    """Per-example loss (shape [B]): MSE between the predicted and the true noise.
+
+    With min_snr_gamma, each example is weighted by min(SNR(t), gamma) / SNR(t) (Min-SNR, for
+    epsilon prediction), which stops the low-noise timesteps from dominating.
+    """
+    noisy = models.noise_scheduler.add_noise(latents, noise, timesteps)
+    hidden = models.text_encoder(input_ids)[0]
+    pred = models.unet(noisy, timesteps, hidden).sample
+    loss = F.mse_loss(pred.float(), noise.float(), reduction="none").mean(dim=(1, 2, 3))
+    if min_snr_gamma is not None:
+        alphas = models.noise_scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()
+        snr = alphas / (1 - alphas)
+        loss = loss * torch.clamp(snr, max=min_snr_gamma) / snr
+    return loss

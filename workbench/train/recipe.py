@@ -1,0 +1,460 @@
+"""The training recipe: a YAML file validated by a pydantic schema, plus `--set a.b=value` overrides.
+
+Every section forbids unknown fields, so a typo is an error naming it
+("recipes/x.yaml: optimizer.lrr: unknown field (did you mean lr?)") instead of a setting that
+silently does nothing. Options that exist but do not apply (eps for lion, power for a cosine
+schedule) are errors too when they are set explicitly. The resolved recipe (defaults filled in)
+is what run.json records, so a run says exactly what ran.
+
+Sections: model, data, validation, optimizer (base + text_encoder overrides), schedule,
+text_encoder, unet, training, saving, sampling, logging. See docs/train.md for every field.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from workbench.errors import WorkbenchError
+from workbench.train.optimizers import OPTIMIZERS, OPTION_NAMES, OptimizerSettings, optimizer_spec
+
+TOY_MODEL = "toy:init"
+TOY_DATA = "toy:shapes"
+COMPONENTS = ("unet", "text_encoder")
+
+# Schedules that come from diffusers' get_scheduler, and wb's own (see schedules.py).
+DIFFUSERS_SCHEDULES = (
+    "constant",
+    "constant_with_warmup",
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+)
+WB_SCHEDULES = ("linear_ramp", "triangular", "triangular2")
+ScheduleName = Literal[
+    "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial",
+    "linear_ramp", "triangular", "triangular2",
+]  # fmt: skip
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def _only_when(section: BaseModel, fields: tuple[str, ...], ok: bool, why: str) -> None:
+    """Refuse `fields` set to anything but their default where they have no effect (the error names
+    the first one). Defaults pass, so a resolved recipe (every default written out) still loads."""
+    for name in fields:
+        if not ok and getattr(section, name) != type(section).model_fields[name].default:
+            raise ValueError(f"{name}: {why}")
+
+
+# --- model and data -----------------------------------------------------------------------------
+
+
+class ModelSection(Section):
+    base: str = Field(
+        description=f"checkpoint to fine-tune (.safetensors, .ckpt, diffusers folder) or {TOY_MODEL}"
+    )
+    init_seed: int = Field(0, description=f"seed of the fresh toy model when base is {TOY_MODEL}")
+
+    @model_validator(mode="after")
+    def _toy_only(self):
+        _only_when(self, ("init_seed",), self.base == TOY_MODEL, f"only used with base {TOY_MODEL}")
+        return self
+
+
+class ToyDataSection(Section):
+    n: int = Field(64, ge=2, description="number of procedural images")
+    seed: int = 0
+    shapes: list[str] | None = None
+    fg: list[str] | None = None
+    bg: list[str] | None = None
+
+
+class DataSection(Section):
+    root: str = Field(description=f"folder of images with .txt/.caption sidecars, or {TOY_DATA}")
+    resolution: int = Field(512, ge=8, description="images are resized (shorter side) and center-cropped")
+    toy: ToyDataSection = ToyDataSection()
+    flip_p: float = Field(0.0, ge=0, le=1)
+    cond_dropout: float = Field(0.0, ge=0, le=1, description="chance a caption is replaced by ''")
+    shuffle_tags: bool = Field(False, description="shuffle comma-separated tags after the first")
+    workers: int = Field(0, ge=0, description="DataLoader worker processes decoding images")
+
+    @model_validator(mode="after")
+    def _toy_only(self):
+        _only_when(self, ("toy",), self.root == TOY_DATA, f"only used with root {TOY_DATA}")
+        return self
+
+
+class ValidationSection(Section):
+    enabled: bool = True
+    split: float = Field(0.15, gt=0, lt=1, description="share of the data held out, fixed by seed")
+    seed: int = 555
+    every_n_epochs: int | None = Field(1, ge=1)
+    every_n_steps: int | None = Field(None, ge=1)
+    at_start: bool = Field(True, description="evaluate once before the first step: the baseline")
+    timesteps: list[int] = Field([200, 400, 600, 800], min_length=1)
+    stabilize_train: bool = Field(True, description="also log loss/train_stable on a fixed train subset")
+    stabilize_split: float = Field(0.15, gt=0, le=1)
+    early_stop_after: int | None = Field(None, ge=1, description="stop after K rising evaluations in a row")
+    batch_size: int | None = Field(None, ge=1, description="default: training.batch_size")
+
+    @field_validator("timesteps")
+    @classmethod
+    def _timesteps(cls, v: list[int]) -> list[int]:
+        bad = [t for t in v if not 0 <= t <= 999]
+        if bad:
+            raise ValueError(f"timesteps must be in 0..999, got {bad[0]}")
+        return v
+
+
+# --- optimizer and schedule ---------------------------------------------------------------------
+
+
+class OptimizerOverrides(Section):
+    """Text-encoder overrides: a field left out (null) inherits the base value; 0 means 0."""
+
+    name: str | None = None
+    lr: float | None = Field(None, ge=0)
+    betas: tuple[float, float] | None = None
+    eps: float | None = Field(None, gt=0)
+    weight_decay: float | None = Field(None, ge=0)
+    momentum: float | None = Field(None, ge=0, lt=1)
+    d0: float | None = Field(None, gt=0)
+    decouple: bool | None = None
+    growth_rate: float | None = Field(None, gt=1)
+    safeguard_warmup: bool | None = None
+    use_bias_correction: bool | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v: str | None) -> str | None:
+        if v is not None:
+            optimizer_spec(v)  # raises naming the valid ones
+        return v
+
+    @field_validator("betas")
+    @classmethod
+    def _betas(cls, v):
+        if v is not None and not all(0 <= b < 1 for b in v):
+            raise ValueError(f"betas must be in [0, 1), got {list(v)}")
+        return v
+
+
+class OptimizerSection(OptimizerOverrides):
+    name: str = "adamw"
+    text_encoder: OptimizerOverrides = OptimizerOverrides()
+
+    @model_validator(mode="after")
+    def _applicable(self):
+        # Explicitly set options must mean something to the optimizer that receives them. An
+        # inherited base option that the text encoder's (different) optimizer lacks is just unused.
+        spec = OPTIMIZERS[self.name]
+        for option in OPTION_NAMES:
+            if option in self.model_fields_set and getattr(self, option) is not None:
+                if option not in spec.options:
+                    raise ValueError(f"{option}: {self.name} has no {option} option")
+        te_spec = OPTIMIZERS[self.text_encoder.name or self.name]
+        for option in OPTION_NAMES:
+            if getattr(self.text_encoder, option) is not None and option not in te_spec.options:
+                raise ValueError(f"text_encoder.{option}: {te_spec.name} has no {option} option")
+        return self
+
+    def settings(self, component: str) -> OptimizerSettings:
+        """The resolved optimizer settings of "unet" or "text_encoder" (the only place overrides
+        are merged: an override is used whenever it is not None, so 0 stays 0)."""
+        if component not in COMPONENTS:
+            raise ValueError(f"unknown component {component!r}")
+        over = self.text_encoder if component == "text_encoder" else OptimizerOverrides()
+        name = over.name if over.name is not None else self.name
+        spec = OPTIMIZERS[name]
+
+        def pick(field: str):
+            for source in (over, self):
+                value = getattr(source, field)
+                if value is not None:
+                    return value
+            return spec.defaults.get(field)
+
+        options = {o: pick(o) for o in spec.options if pick(o) is not None}
+        return OptimizerSettings(name=name, lr=float(pick("lr")), options=options)
+
+
+class ScheduleSection(Section):
+    name: ScheduleName = "constant"
+    warmup_steps: int = Field(0, ge=0)
+    decay_steps: int | None = Field(None, ge=1, description="steps the decay spans (default: the whole run)")
+    num_cycles: int = Field(1, ge=1, description="cosine_with_restarts: number of hard restarts")
+    power: float = Field(1.0, gt=0, description="polynomial: power of the decay")
+    end_ratio: float = Field(0.0, ge=0, lt=1, description="polynomial: final lr as a share of lr")
+    half_cycle_steps: int | None = Field(None, ge=1, description="triangular: Smith's step size")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="triangular: lower bound as a share of lr")
+
+    @model_validator(mode="after")
+    def _applicable(self):
+        warm = ("constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+        _only_when(self, ("warmup_steps",), self.name in warm, f"not used by the {self.name} schedule")
+        decays = ("linear", "cosine", "cosine_with_restarts", "polynomial", "linear_ramp")
+        _only_when(self, ("decay_steps",), self.name in decays, f"not used by the {self.name} schedule")
+        _only_when(
+            self, ("num_cycles",), self.name == "cosine_with_restarts", "only used by cosine_with_restarts"
+        )
+        _only_when(self, ("power", "end_ratio"), self.name == "polynomial", "only used by polynomial")
+        cyclic = self.name in ("triangular", "triangular2")
+        _only_when(self, ("half_cycle_steps", "min_lr_ratio"), cyclic, "only used by triangular/triangular2")
+        if cyclic and self.half_cycle_steps is None:
+            raise ValueError(f"half_cycle_steps: required by the {self.name} schedule")
+        return self
+
+
+# --- what trains, and how -----------------------------------------------------------------------
+
+
+class TextEncoderSection(Section):
+    train: bool = True
+    unfreeze_last_n_layers: int | None = Field(None, ge=0, description="null: all layers train")
+    freeze_embeddings: bool = False
+    freeze_final_layer_norm: bool = False
+
+
+class UnetSection(Section):
+    train: bool = True
+
+
+class TrainingSection(Section):
+    max_epochs: int | None = Field(None, ge=1)
+    max_steps: int | None = Field(None, ge=1, description="optimizer steps (not micro-batches)")
+    batch_size: int = Field(1, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
+    gradient_checkpointing: bool = False
+    seed: int = 555
+    clip_grad_norm: float | None = Field(None, gt=0)
+    zero_frequency_noise_ratio: float = Field(0.0, ge=0, description="offset noise added per channel")
+    min_snr_gamma: float | None = Field(None, gt=0)
+    timestep_min: int = Field(0, ge=0, le=999)
+    timestep_max: int = Field(999, ge=0, le=999)
+    device: Literal["auto", "cpu"] = Field("auto", description="cpu forces the CPU even with a GPU")
+
+    @model_validator(mode="after")
+    def _length(self):
+        if self.max_epochs is None and self.max_steps is None:
+            raise ValueError("max_steps: set training.max_epochs or training.max_steps (or both)")
+        if self.timestep_min > self.timestep_max:
+            raise ValueError(f"timestep_min: {self.timestep_min} is above timestep_max {self.timestep_max}")
+        return self
+
+
+class SavingSection(Section):
+    name: str | None = Field(None, description="checkpoint name (default: the run folder's name)")
+    every_n_epochs: int | None = Field(1, ge=1)
+    every_n_steps: int | None = Field(None, ge=1)
+    every_n_minutes: float | None = Field(None, gt=0)
+    keep_last: int | None = Field(None, ge=1)
+    dtype: Literal["fp16", "bf16", "fp32"] = "fp16"
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+-]*", v):
+            raise ValueError(f"name {v!r}: use letters, digits and _ . + - only (it names files)")
+        return v
+
+
+class SamplingSection(Section):
+    prompts: list[str] = []
+    every_n_steps: int | None = Field(None, ge=1)
+    every_n_epochs: int | None = Field(None, ge=1)
+    at_end: bool = True
+    seeds: list[int] = Field([555], min_length=1)
+    cfg: float = Field(7.0, ge=0)
+    steps: int = Field(20, ge=1)
+    size: int | None = Field(None, ge=8, description="default: data.resolution")
+
+
+class LoggingSection(Section):
+    every_n_steps: int = Field(1, ge=1, description="how often loss/train and lr are written")
+    tensorboard: bool = True
+
+
+class Recipe(Section):
+    model: ModelSection
+    data: DataSection
+    validation: ValidationSection = ValidationSection()
+    optimizer: OptimizerSection = OptimizerSection()
+    schedule: ScheduleSection = ScheduleSection()
+    text_encoder: TextEncoderSection = TextEncoderSection()
+    unet: UnetSection = UnetSection()
+    training: TrainingSection
+    saving: SavingSection = SavingSection()
+    sampling: SamplingSection = SamplingSection()
+    logging: LoggingSection = LoggingSection()
+
+    @model_validator(mode="after")
+    def _something_trains(self):
+        if not self.trains("unet") and not self.trains("text_encoder"):
+            raise ValueError(
+                "unet.train: nothing would train (the UNet and the text encoder are both off or at lr 0)"
+            )
+        return self
+
+    def trains(self, component: str) -> bool:
+        """Whether a component gets an optimizer: switched on and a non-zero lr."""
+        on = self.unet.train if component == "unet" else self.text_encoder.train
+        return on and self.optimizer.settings(component).lr > 0
+
+    def to_dict(self) -> dict:
+        return self.model_dump(mode="json")
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=False)
+
+    def to_yaml(self, only_set: bool = False) -> str:
+        return dump_yaml(self.model_dump(mode="json", exclude_unset=only_set))
+
+
+SECTION_ORDER = tuple(Recipe.model_fields)
+
+
+class _Dumper(yaml.SafeDumper):
+    pass
+
+
+def _list_flow(dumper: yaml.SafeDumper, data: list):
+    # [0.9, 0.999] reads better inline; lists of long strings (prompts) stay one per line.
+    flow = all(isinstance(v, (int, float, bool)) or v is None for v in data)
+    return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flow)
+
+
+_Dumper.add_representer(list, _list_flow)
+
+
+def dump_yaml(data: dict) -> str:
+    """A recipe dict as block-style YAML, sections in the schema's order."""
+    ordered = {k: data[k] for k in SECTION_ORDER if k in data}
+    ordered.update({k: v for k, v in data.items() if k not in ordered})
+    return yaml.dump(
+        ordered, Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=100, allow_unicode=True
+    )
+
+
+# --- loading ------------------------------------------------------------------------------------
+
+
+def load_recipe(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read a YAML recipe, apply `--set a.b=value` overrides, validate. Errors name file and field."""
+    path = Path(path)
+    if not path.is_file():
+        raise WorkbenchError(f"{path}: no such recipe file")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        raise WorkbenchError(f"{path}: not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise WorkbenchError(f"{path}: a recipe is a YAML mapping of sections, not a {type(data).__name__}")
+    return parse_recipe(data, str(path), overrides)
+
+
+def parse_recipe(data: dict, source: str, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    data = json.loads(json.dumps(data))  # a deep copy that also refuses non-plain values early
+    set_keys = []
+    for item in overrides:
+        set_keys.append(apply_override(data, item))
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as e:
+        raise WorkbenchError(f"{source}: {describe_errors(e, set_keys)}") from None
+
+
+def apply_override(data: dict, item: str) -> str:
+    """Apply one `a.b.c=value` to a raw recipe dict; the value is YAML (40 -> int, 1e-6 -> float,
+    [0.9, 0.99] -> list, null -> None). Returns the dotted key."""
+    key, sep, raw = item.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise WorkbenchError(f"--set {item}: expected section.field=value, e.g. training.max_steps=40")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        raise WorkbenchError(f"--set {item}: the value is not valid YAML") from None
+    value = _yaml11_float(value)
+    node = data
+    parts = key.split(".")
+    for depth, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise WorkbenchError(f"--set {item}: {'.'.join(parts[: depth + 1])} is not a section")
+        node = child
+    node[parts[-1]] = value
+    return key
+
+
+_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)$")
+
+
+def _yaml11_float(value: Any) -> Any:
+    # PyYAML follows YAML 1.1, where "1e-6" (no dot) is a string; everyone means a number.
+    if isinstance(value, str) and _FLOAT.match(value.strip()):
+        return float(value)
+    return value
+
+
+def describe_errors(e: ValidationError, set_keys: list[str] = ()) -> str:
+    """pydantic's errors as `field.path: message` parts joined by '; ' (one line)."""
+    parts = []
+    for err in e.errors():
+        loc = [str(p) for p in err["loc"]]
+        msg = err["msg"].removeprefix("Value error, ")
+        # Validators name the field they refuse as "field: why": fold it into the path.
+        named = re.match(r"^([a-z_][a-z0-9_.]*): (.*)$", msg)
+        if err["type"] == "value_error" and named:
+            loc, msg = [*loc, *named.group(1).split(".")], named.group(2)
+        elif err["type"] == "extra_forbidden":
+            msg = "unknown field" + _did_you_mean(loc)
+        elif err["type"] == "missing":
+            msg = "required field missing"
+        else:
+            msg = msg[:1].lower() + msg[1:]
+            if err["type"] != "value_error" and "input" in err and not isinstance(err["input"], dict):
+                msg += f" (got {_short(err['input'])})"
+        path = ".".join(loc)
+        via = next(
+            (k for k in set_keys if path == k or path.startswith(k + ".") or k.startswith(path + ".")), None
+        )
+        parts.append(f"{path}: {msg}" + (f" (from --set {via})" if via else ""))
+    return "; ".join(dict.fromkeys(parts))
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _did_you_mean(loc: list[str]) -> str:
+    model: Any = Recipe
+    for part in loc[:-1]:
+        field = model.model_fields.get(part)
+        if (
+            field is None
+            or not isinstance(field.annotation, type)
+            or not issubclass(field.annotation, BaseModel)
+        ):
+            return ""
+        model = field.annotation
+    close = difflib.get_close_matches(loc[-1], list(model.model_fields), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else ""
