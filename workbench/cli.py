@@ -142,6 +142,10 @@ runs_app = typer.Typer(help="Training runs: compare what ran.", no_args_is_help=
 app.add_typer(runs_app, name="runs")
 runs_app.command("diff")(friendly(runs_diff))
 
+from workbench.grids.cli import grid  # noqa: E402
+
+app.command("grid")(friendly(grid))
+
 swap_app = typer.Typer(
     help="Swap components: the UNet of one checkpoint with the text encoder of another.",
     invoke_without_command=True,
