@@ -190,6 +190,57 @@ def swap(
     out.print(table)
 
 
+@swap_app.command("matrix")
+@friendly
+def swap_matrix_command(
+    ckpts: str = typer.Option(..., "--ckpts", help="Checkpoints, comma-separated; the FIRST is the base."),
+    prompts: Path = typer.Option(..., "--prompts", help="Text file: one prompt per non-empty line."),
+    seeds: str = typer.Option("1", "--seeds", help="Seeds: 1,2 or 1-4; -1 = random, drawn once."),
+    cfg: float = typer.Option(7.0, "--cfg", help="CFG scale."),
+    steps: int = typer.Option(20, "--steps", help="Sampling steps."),
+    sampler: str = typer.Option("euler_a", "--sampler", help="Sampler (as in wb grid)."),
+    size: str = typer.Option("512x512", "--size", help="Image size WIDTHxHEIGHT."),
+    negative: str = typer.Option("", "--negative", help="Negative prompt."),
+    batch: int = typer.Option(4, "--batch", help="Images per pipeline call."),
+    out_dir: Path = typer.Option(
+        ..., "-o", "--out", help="Folder for grid.png, cells/, matrix.json, index.html."
+    ),
+) -> None:
+    """Render every (UNet from i, text encoder from j) combination and name the component that
+    carries the change: rows are UNet sources, columns TE sources."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from workbench.grids.axes import parse_axis_values, split_csv
+    from workbench.grids.cli import parse_size, read_prompts
+    from workbench.grids.plan import resolve_seeds
+    from workbench.swap.matrix import swap_matrix
+
+    width, height = parse_size(size)
+    seed_list, _ = resolve_seeds(parse_axis_values("seed", seeds))
+    paths = [Path(p) for p in split_csv(ckpts)]
+    n_pairs = len(read_prompts(prompts)) * len(seed_list)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=out, transient=True) as bar:
+        task = bar.add_task("building the pipeline", total=len(paths) ** 2 * n_pairs)
+
+        def progress(done: int, total: int, note: str) -> None:
+            bar.update(task, completed=done, total=total, description=note)
+
+        result = swap_matrix(
+            paths, read_prompts(prompts), seed_list, out_dir, steps=steps, cfg=cfg, sampler=sampler,
+            width=width, height=height, negative=negative, batch=batch, progress=progress,
+        )  # fmt: skip
+    table = Table(title="swap matrix verdict", title_justify="left")
+    for col in ("swapped in", "burn vs base", "drift from base"):
+        table.add_column(col, justify="left" if col == "swapped in" else "right")
+    for e in result.effects:
+        table.add_row(f"{e.component} of {e.checkpoint}", f"{e.burn_delta:+.2f}", f"{e.drift:.4f}")
+    out.print(table)
+    for sentence in result.verdicts:
+        out.print(f"[bold]{sentence}[/]", highlight=False)
+    out.print(f"wrote {result.grid_png}, {len(result.cells)} cells, {result.index_html}", highlight=False)
+
+
 def main() -> None:  # pragma: no cover - console script entry
     app()
 

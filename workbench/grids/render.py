@@ -63,7 +63,7 @@ def pick_device() -> tuple[str, object]:
     return "cpu", torch.float32
 
 
-def _configs_without_scheduler(path: Path) -> tuple[dict, dict]:
+def configs_and_scheduler(path: Path) -> tuple[dict, dict]:
     from workbench.checkpoint.reader import open_checkpoint
     from workbench.pipeline import model_spec
 
@@ -254,7 +254,7 @@ def render_cells(
         name = cells[0].checkpoint_name
         report(len(images), total, f"loading {name}")
         t0 = time.perf_counter()
-        configs, scheduler_config = _configs_without_scheduler(ckpt)
+        configs, scheduler_config = configs_and_scheduler(ckpt)
         if pipe is None or configs != pipe_configs:
             pipe = build_pipeline(ckpt, dtype=dtype, device=device)
             pipe.set_progress_bar_config(disable=True)

@@ -51,12 +51,16 @@ def _axis_label(data: dict, position: str, cell: dict) -> str:
     return axis["labels"][cell[position]] if axis else ""
 
 
-def build_html(data: dict) -> str:
-    """The page for a grid.json dict (see workbench/grids/run.py for its fields)."""
+def build_html(data: dict, title: str = "wb grid", intro_html: str = "") -> str:
+    """The page for a grid.json dict (see workbench/grids/run.py for its fields).
+
+    `data["score_names"]` (default burn, CLIP) picks the score columns; `intro_html` is trusted
+    markup placed above the grid (the swap matrix puts its verdict there)."""
     axes = [(p, a) for p, a in data["axes"].items() if a]
+    score_names = data.get("score_names", ["burn", "clip"])
     axis_text = ", ".join(f"{p.upper()}: {a['kind']}" for p, a in axes) or "a single cell"
     headers = ["image", "#", *[p.upper() for p, _ in axes], "checkpoint", "seed", "CFG", "steps",
-               "sampler", "burn", "CLIP", "parameters"]  # fmt: skip
+               "sampler", *[n if n != "clip" else "CLIP" for n in score_names], "parameters"]  # fmt: skip
     head = "".join(f'<th data-col="{i}">{escape(h)}</th>' for i, h in enumerate(headers))
     rows = []
     for cell in data["cells"]:
@@ -71,18 +75,18 @@ def build_html(data: dict) -> str:
             _num(cell["cfg"], 1),
             _num(cell["steps"]),
             f"<td>{escape(cell['sampler'])}</td>",
-            _num(scores["burn"]),
-            _num(scores["clip"]),
+            *[_num(scores.get(n)) for n in score_names],
             f"<td><pre>{escape(cell['parameters'])}</pre></td>",
         ]  # fmt: skip
         rows.append("<tr>" + "".join(tds) + "</tr>")
     width, height = data["size"]
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
-<title>wb grid: {escape(axis_text)}</title>
+<title>{escape(title)}: {escape(axis_text)}</title>
 <style>{_STYLE}</style></head>
 <body>
-<h1>wb grid</h1>
+<h1>{escape(title)}</h1>
+{intro_html}
 <p>{len(data["cells"])} cells; {escape(axis_text)}. Burn score: {escape(data["scores"]["burn"])}.
 <br><span class="note">{escape(data["scores"]["note"])}</span></p>
 <p><a href="grid.png"><img class="grid" src="grid.png" width="{width}" height="{height}"

@@ -70,7 +70,7 @@ def checkpoint_hashes(path: Path) -> tuple[str | None, str | None]:
     return sha, autov2(sha)
 
 
-def _atomic(path: Path, write) -> Path:
+def write_atomic(path: Path, write) -> Path:
     """Write through a temporary file and rename, so an interrupted run leaves no half-written file."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
@@ -81,7 +81,7 @@ def _atomic(path: Path, write) -> Path:
     return path
 
 
-def _clear_old_cells(folder: Path) -> None:
+def clear_old_cells(folder: Path) -> None:
     # A previous, larger grid in the same folder would leave cells that this one does not own.
     for old in folder.glob("*.png"):
         if re.fullmatch(r"\d{4,}\.png", old.name):
@@ -174,7 +174,7 @@ def make_grid(
     if clip_scorer is None and clip_weights is not None:
         clip_scorer = metrics.load_clip_scorer(clip_model, clip_weights, device or "cpu")
     cells_dir.mkdir(parents=True, exist_ok=True)
-    _clear_old_cells(cells_dir)
+    clear_old_cells(cells_dir)
 
     # Hash in the background: a first look at a 7 GB file takes seconds to read, and the first PNG
     # needs its checkpoint's hash only once the pipeline is built and a batch sampled.
@@ -185,7 +185,7 @@ def make_grid(
     def write_cell(cell: Cell, image: Image.Image) -> None:
         model_hash = pending[cell.checkpoint].result()[1]
         text = format_parameters(cell.prompt, cell.negative, cell_fields(cell, model_hash))
-        _atomic(out / cell.file, lambda tmp: save_png(image, tmp, text))
+        write_atomic(out / cell.file, lambda tmp: save_png(image, tmp, text))
         results[cell.index] = CellResult(cell.index, cell.file, text, metrics.burn_score(image), None)
 
     try:
@@ -214,9 +214,9 @@ def make_grid(
         {(c.x, c.y, c.z): rendered.images[c.index] for c in plan.cells},
         geo, col_labels=labels["x"], row_labels=labels["y"], titles=labels["z"],
     )  # fmt: skip
-    grid_png = _atomic(out / "grid.png", lambda tmp: grid.save(tmp, format="PNG"))
+    grid_png = write_atomic(out / "grid.png", lambda tmp: grid.save(tmp, format="PNG"))
     ordered = [results[c.index] for c in plan.cells]
     data = _grid_json(plan, hashes, ordered, rendered, clip_info, clip_note, grid.size)
-    grid_json = _atomic(out / "grid.json", lambda tmp: tmp.write_text(json.dumps(data, indent=2) + "\n"))
-    index_html = _atomic(out / "index.html", lambda tmp: tmp.write_text(report.build_html(data)))
+    grid_json = write_atomic(out / "grid.json", lambda tmp: tmp.write_text(json.dumps(data, indent=2) + "\n"))
+    index_html = write_atomic(out / "index.html", lambda tmp: tmp.write_text(report.build_html(data)))
     return GridResult(out, grid_png, grid_json, index_html, ordered, rendered, clip_note, grid.size)
