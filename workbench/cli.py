@@ -137,6 +137,9 @@ from workbench.train.cli import recipe_app, runs_diff  # noqa: E402
 from workbench.train.cli import train as train_command  # noqa: E402
 
 app.command("train")(friendly(train_command))
+from workbench.train.cli import lr_find as lr_find_command  # noqa: E402
+
+app.command("lr-find")(friendly(lr_find_command))
 app.add_typer(recipe_app, name="recipe")
 runs_app = typer.Typer(help="Training runs: compare what ran.", no_args_is_help=True)
 app.add_typer(runs_app, name="runs")

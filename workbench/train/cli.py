@@ -8,6 +8,7 @@ Nothing heavy is imported at module level: `wb --help` stays instant.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import time
@@ -194,3 +195,143 @@ def recipe_from_ed2(
     path = write_recipe(imported, output)
     _print_import_notes(imported, path)
     out.print(f"wrote [bold]{path}[/] (from {train_json}; check it with wb recipe show {path})")
+
+
+LR_FIND_HELP = {
+    "lr_min": "Where the ramp starts (default 0; with --log, lr-max / 1000).",
+    "lr_max": "Where it ends: a value known to be too high (default 3e-6).",
+    "steps": "Optimizer steps the ramp takes (default 400).",
+    "val_every": "Evaluate every N steps (default steps / 40: 10 for 400 steps).",
+    "log": "Ramp the lr log-linearly (evenly in log lr) instead of linearly.",
+    "component": "What trains and ramps: unet, text_encoder or both (default: what the recipe trains).",
+    "output": "The new folder (default runs/NAME-lr-find-TIME; with --from, RUNDIR itself).",
+    "from": "Analyze an existing run (its metrics.jsonl) instead of training.",
+    "write_recipe": "Write the recipe with a constant lr at the suggestion (see --pick).",
+    "pick": "The suggestion --write-recipe uses: midpoint (seed 003's), valley, steep or minimum.",
+}
+
+
+def lr_find(
+    recipe: Path = typer.Argument(None, metavar="RECIPE.yaml", help="The recipe to find an lr for."),
+    lr_min: float = typer.Option(None, "--lr-min", help=LR_FIND_HELP["lr_min"]),
+    lr_max: float = typer.Option(None, "--lr-max", help=LR_FIND_HELP["lr_max"]),
+    steps: int = typer.Option(None, "--steps", help=LR_FIND_HELP["steps"]),
+    val_every: int = typer.Option(None, "--val-every", help=LR_FIND_HELP["val_every"]),
+    log: bool = typer.Option(False, "--log", help=LR_FIND_HELP["log"]),
+    component: str = typer.Option(None, "--component", help=LR_FIND_HELP["component"]),
+    overrides: list[str] = typer.Option(None, "--set", help=SET_HELP),
+    output: Path = typer.Option(None, "-o", "--output", help=LR_FIND_HELP["output"]),
+    from_run: Path = typer.Option(None, "--from", metavar="RUNDIR", help=LR_FIND_HELP["from"]),
+    write_recipe: Path = typer.Option(
+        None, "--write-recipe", metavar="OUT.yaml", help=LR_FIND_HELP["write_recipe"]
+    ),
+    pick: str = typer.Option("midpoint", "--pick", help=LR_FIND_HELP["pick"]),
+) -> None:
+    """LR range test: ramp the lr from --lr-min to --lr-max over a short run, evaluating the
+    deterministic validation loss every --val-every steps, and find the bounds automatically.
+
+    Writes DIR/lr_find.png, DIR/lr_find.json and DIR/index.html (and the run's own records; no
+    checkpoints). Stops early once the loss diverges (over 4x the best). See docs/lr_find.md.
+    """
+    from workbench.train import lr_find as lf
+
+    if pick not in lf.PICKS:
+        raise WorkbenchError(f"--pick {pick}: choose one of {', '.join(lf.PICKS)}")
+    started = time.time()
+    if from_run is not None:
+        if recipe is not None:
+            raise WorkbenchError("give RECIPE.yaml or --from RUNDIR, not both")
+        given = {"--lr-min": lr_min, "--lr-max": lr_max, "--steps": steps, "--val-every": val_every,
+                 "--component": component, "--set": overrides or None, "--log": log or None}  # fmt: skip
+        for flag, value in given.items():
+            if value is not None:
+                raise WorkbenchError(f"{flag}: only with RECIPE.yaml (--from reads a finished run)")
+        finding = lf.analyze_run(from_run)
+        out_dir = output or from_run
+        base = None  # read from run.json only when a recipe is written
+        test_record = lf.range_test_record(from_run) or {}
+        extra: dict = {"from": str(from_run)}
+        if test_record:
+            extra["test"] = {k: v for k, v in test_record.items() if k != "recipe"}
+    else:
+        if recipe is None:
+            raise WorkbenchError("give RECIPE.yaml to run a range test, or --from RUNDIR to read one")
+        from workbench.train.recipe import load_recipe
+
+        overrides = list(overrides or [])
+        lr_max = 3e-6 if lr_max is None else lr_max
+        if lr_min is None:
+            lr_min = lr_max / 1000 if log else 0.0
+        steps = 400 if steps is None else steps
+        val_every = max(1, round(steps / 40)) if val_every is None else val_every
+        test = lf.RangeTest(lr_min, lr_max, steps, val_every, log, component or "both")
+        test.check()  # before loading anything: a bad flag is one line, at once
+        r = load_recipe(recipe, overrides)
+        test.component = component or lf.default_component(r)
+        out_dir = output or Path("runs") / f"{recipe.stem}-lr-find-{time.strftime('%Y%m%d-%H%M%S')}"
+        source = {"recipe": str(recipe), "overrides": overrides}
+        result, finding = _run_range_test(lf, r, test, out_dir, source)
+        base = r.to_dict()
+        extra = {
+            "recipe": str(recipe),
+            "overrides": overrides,
+            "test": dataclasses.asdict(test),
+            "stopped": result.message if result.stopped else None,
+            "seconds": round(result.seconds, 1),
+        }
+    paths = lf.write_report(finding, out_dir, extra)
+    _print_finding(finding, pick)
+    seconds = time.time() - started
+    out.print(f"wrote [bold]{paths['png']}[/], {paths['json'].name}, {paths['html'].name} ({seconds:.0f} s)")
+    if write_recipe is not None:
+        if not finding.found:
+            raise WorkbenchError(f"--write-recipe {write_recipe}: nothing written: {finding.message}")
+        lr = finding.suggestion(pick)
+        base = base if base is not None else lf.base_recipe_of(from_run)
+        component = finding.component if finding.component in lf.COMPONENTS else "unet"
+        written = lf.recipe_at(base, lr, component, str(write_recipe))
+        shown, low, high = (lf.format_lr(v) for v in (lr, finding.lower, finding.upper))
+        note = (
+            f"written by wb lr-find from {recipe or from_run}: constant lr {shown} for {component}\n"
+            f"({pick}; lower {low}, upper {high})"
+        )
+        path = lf.write_recipe(write_recipe, written, note)
+        out.print(f"wrote [bold]{path}[/]: constant lr {shown} ({pick}) for {component}")
+
+
+def _run_range_test(lf, recipe, test, out_dir: Path, source: dict):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[status]}"), TimeRemainingColumn())  # fmt: skip
+    with Progress(*columns, console=err, transient=False) as bar:
+        task = bar.add_task("lr range test", total=test.steps, status="starting")
+
+        def update(p) -> None:
+            status = f"val {p.val_loss:.4f}" if p.val_loss is not None else None
+            bar.update(task, total=p.total_steps, completed=p.step, **({"status": status} if status else {}))
+
+        return lf.run_range_test(recipe, test, out_dir, progress=update, source=source)
+
+
+def _print_finding(finding, pick: str) -> None:
+    from workbench.train.lr_find import MEANINGS, format_lr
+
+    title = f"LR range test: {finding.metric} against lr ({finding.axis} ramp, {len(finding.lrs)} points)"
+    table = Table(title=title, title_justify="left")
+    table.add_column("")
+    table.add_column("lr", justify="right")
+    table.add_column("what it is", style="dim")
+    for name in ("lower", "upper", "midpoint", "valley", "steep", "minimum"):
+        value = getattr(finding, name)
+        shown = format_lr(value)
+        label = f"[bold green]{name} *[/]" if name == pick and value is not None else name
+        meaning = MEANINGS[name]
+        if name == "upper" and finding.upper_reason:
+            meaning += f" ({finding.upper_reason})"
+        table.add_row(label, shown, meaning)
+    out.print(table)
+    style = "bold" if finding.found else "bold yellow"
+    out.print(f"[{style}]{finding.message}[/]", highlight=False)
+    for note in finding.notes:
+        out.print(f"[dim]note: {note}[/]", highlight=False, soft_wrap=True)

@@ -81,7 +81,7 @@ class TrainResult:
     checkpoints: list[Path]
     val_losses: list[tuple[int, float]]
     last_loss: float | None
-    stopped: str | None  # None when the run finished; "nan" or "early_stop" otherwise
+    stopped: str | None  # None when the run finished; "nan", "early_stop" or "stop_when" otherwise
     message: str
     seconds: float
     train_seconds: float  # time inside optimizer steps only (no evaluation, saving, sampling)
@@ -96,14 +96,24 @@ def train(
     run_dir: str | os.PathLike,
     progress: Callable[[Progress], None] | None = None,
     source: dict | None = None,
+    *,
+    checkpoints: bool = True,
+    lr_factor: Callable[[int], float] | None = None,
+    stop_when: Callable[[Progress], str | None] | None = None,
 ) -> TrainResult:
-    """Run `recipe` into the new folder `run_dir`. `source` (recipe path, overrides) goes to run.json."""
+    """Run `recipe` into the new folder `run_dir`. `source` (recipe path, overrides) goes to run.json.
+
+    Hooks for runs that are not fine-tunes (`wb lr-find` uses all three): `checkpoints=False` saves
+    none (and makes no checkpoints/ folder); `lr_factor(i)` replaces the recipe's schedule (optimizer
+    step i uses lr * lr_factor(i); say so in `source`, run.json's recipe shows the schedule it
+    replaced); `stop_when` sees every Progress and stops the run, like early stopping, when it returns
+    a message (TrainResult.stopped is then "stop_when")."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     started = time.time()
     tr = recipe.training
-    run_dir = _new_run_dir(Path(run_dir))
+    run_dir = _new_run_dir(Path(run_dir), checkpoints)
     accelerator = _accelerator(Accelerator, recipe)
     device, main = accelerator.device, accelerator.is_main_process
     set_seed(tr.seed)
@@ -152,7 +162,12 @@ def train(
     steps_per_epoch = max(1, math.ceil(len(loader) / tr.grad_accum))
     total_steps = min(tr.max_steps or math.inf, (tr.max_epochs or math.inf) * steps_per_epoch)
     total_steps = int(total_steps)
-    schedulers = {c: build_scheduler(o, recipe.schedule, total_steps) for c, o in optimizers.items()}
+    schedulers = {
+        c: build_scheduler(o, recipe.schedule, total_steps)
+        if lr_factor is None
+        else torch.optim.lr_scheduler.LambdaLR(o, lr_factor)
+        for c, o in optimizers.items()
+    }
     step_model = dataclasses.replace(models, **trained)  # what the step calls: wrapped where trained
 
     if main:
@@ -164,6 +179,7 @@ def train(
     log = MetricsLog(run_dir, recipe.logging.tensorboard) if main else None
     state = _RunState(recipe, run_dir, models, spec, base_metadata, accelerator, log, progress, total_steps)
     state.val_set, state.stable_set = val_set, stable_set  # what `evaluate` measures
+    state.checkpointing, state.stop_when = checkpoints, stop_when
 
     # --- the loop ---------------------------------------------------------------------------------
     # Training noise, timesteps and latent samples come from this generator alone (validation has
@@ -311,12 +327,12 @@ def _record(recipe, source, base_path, spec, settings, optimizers, params, model
     }
 
 
-def _new_run_dir(run_dir: Path) -> Path:
+def _new_run_dir(run_dir: Path, checkpoints: bool = True) -> Path:
     if (run_dir / "run.json").exists():
         raise WorkbenchError(f"{run_dir}: already holds a run (run.json); choose another -o folder")
     if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
         raise WorkbenchError(f"{run_dir}: exists and is not an empty folder; choose another -o folder")
-    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    (run_dir / "checkpoints" if checkpoints else run_dir).mkdir(parents=True, exist_ok=True)
     return run_dir
 
 
@@ -450,10 +466,17 @@ class _RunState:
         self.stopped: str | None = None
         self.message: str | None = None
         self.val_set = self.stable_set = None
+        self.checkpointing = True
+        self.stop_when: Callable[[Progress], str | None] | None = None
 
     def _report(self, step: int, epoch: int, **kw) -> None:
+        p = Progress(step=step, total_steps=self.total_steps, epoch=epoch + 1, **kw)
         if self.progress is not None:
-            self.progress(Progress(step=step, total_steps=self.total_steps, epoch=epoch + 1, **kw))
+            self.progress(p)
+        if self.stop_when is not None and not self.stopped:
+            message = self.stop_when(p)
+            if message:
+                self.stopped, self.message = "stop_when", message
 
     def after_step(self, step: int, epoch: int, loss: float, used_lr: dict, optimizers: dict) -> None:
         self.last_loss = loss
@@ -521,7 +544,7 @@ class _RunState:
         )
 
     def save(self, step: int, epoch: int) -> Path | None:
-        if self.last_saved_step == step:
+        if not self.checkpointing or self.last_saved_step == step:
             return None
         self.last_saved_step, self.last_save_time = step, time.time()
         self.accelerator.wait_for_everyone()
