@@ -45,7 +45,7 @@ from workbench.train.data import (
 from workbench.train.diffusion import Models, encode_latents, epsilon_loss, noise_scheduler_for, tokenize
 from workbench.train.optimizers import adapted_lr, build_optimizer, freeze_text_encoder, trainable
 from workbench.train.recipe import TOY_MODEL, Recipe
-from workbench.train.runs import MetricsLog, device_info, package_versions, write_run_record
+from workbench.train.runs import MetricsLog, device_info, package_versions, write_loss_plot, write_run_record
 from workbench.train.schedules import build_scheduler, current_lr
 from workbench.train.validation import validation_loss
 
@@ -250,6 +250,7 @@ def train(
             train_seconds=round(train_time, 3),
         )
         log.close()
+        write_loss_plot(run_dir)
     accelerator.end_training()
     return TrainResult(
         run_dir=run_dir,

@@ -210,3 +210,39 @@ class MetricsLog:
         self._file.close()
         if self._tb is not None:
             self._tb.close()
+
+
+def write_loss_plot(run_dir: str | os.PathLike) -> Path | None:
+    """loss.png: training loss (raw and smoothed), validation and stable-train loss against the step.
+
+    Written at the end of every run from metrics.jsonl, so it always shows what was logged."""
+    from workbench.plot import Series, line_chart
+
+    run_dir = Path(run_dir)
+    records = read_metrics(run_dir)
+    curves = {}
+    for name in ("loss/train", "loss/val", "loss/train_stable"):
+        points = [(r["step"], r[name]) for r in records if isinstance(r.get(name), (int, float))]
+        if points:
+            curves[name] = points
+    if not curves:
+        return None
+    series = []
+    if "loss/train" in curves:
+        steps, losses = zip(*curves["loss/train"], strict=True)
+        series.append(Series(steps, losses, "loss/train", color=(200, 200, 215), width=1.0))
+        smooth, ema = [], None
+        for value in losses:  # an EMA started at the first value: the trend through the noise
+            ema = value if ema is None else 0.9 * ema + 0.1 * value
+            smooth.append(ema)
+        series.append(Series(steps, smooth, "loss/train (EMA 0.9)"))
+    for name in ("loss/val", "loss/train_stable"):
+        if name in curves:
+            steps, losses = zip(*curves[name], strict=True)
+            series.append(Series(steps, losses, name, points=True))
+    image = line_chart(series, title=f"{run_dir.name}: loss", x_label="step", y_label="loss")
+    out = run_dir / "loss.png"
+    tmp = out.with_name(".loss.png.tmp")
+    image.save(tmp, format="PNG")
+    os.replace(tmp, out)
+    return out
