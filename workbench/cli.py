@@ -6,16 +6,12 @@ Heavy imports (torch, diffusers) happen inside the commands so `wb --help` stays
 
 from __future__ import annotations
 
-import functools
 import json
 import sys
 from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.table import Table
-
-from workbench.errors import WorkbenchError
 
 app = typer.Typer(
     name="wb",
@@ -27,38 +23,7 @@ app = typer.Typer(
 toy_app = typer.Typer(help="The tiny offline toy model that tests and the demo run on.", no_args_is_help=True)
 app.add_typer(toy_app, name="toy")
 
-out = Console()
-err = Console(stderr=True)
-
-
-def fail(message: str) -> None:
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-    raise typer.Exit(2)
-
-
-def friendly(fn):
-    """Turn library errors into one line and exit code 2; Ctrl-C into exit 130 with no traceback."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except WorkbenchError as e:
-            fail(str(e))
-        except KeyboardInterrupt:
-            err.print("[yellow]interrupted[/]: nothing half-written was left behind")
-            raise typer.Exit(130) from None
-
-    return wrapper
-
-
-def human_bytes(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if size < 1024 or unit == "TB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.2f} {unit}"
-        size /= 1024
-    return f"{n} B"
+from workbench.console import err, fail, friendly, human_bytes, out  # noqa: E402, F401
 
 
 def human_count(n: int) -> str:
@@ -114,7 +79,11 @@ def inspect(
             swap_table.add_row(component, src.get("path", ""), (src.get("sha256") or "")[:10])
         out.print(swap_table)
     if d.ancestry:
-        out.print("[bold]merge ancestry[/] (sd_merge_recipe / sd_merge_models present)")
+        from workbench.merge.provenance import render_ancestry
+
+        tree = render_ancestry(d.metadata)
+        if tree is not None:
+            out.print(tree)
 
 
 @toy_app.command("init")
@@ -146,6 +115,9 @@ app.add_typer(runs_app, name="runs")
 runs_app.command("diff")(friendly(runs_diff))
 
 from workbench.grids.cli import grid  # noqa: E402
+from workbench.merge.cli import merge_app  # noqa: E402
+
+app.add_typer(merge_app, name="merge")
 
 app.command("grid")(friendly(grid))
 
@@ -242,6 +214,36 @@ def swap_matrix_command(
     for sentence in result.verdicts:
         out.print(f"[bold]{sentence}[/]", highlight=False)
     out.print(f"wrote {result.grid_png}, {len(result.cells)} cells, {result.index_html}", highlight=False)
+
+
+@app.command()
+@friendly
+def demo(
+    out_dir: Path = typer.Option(
+        Path("out/demo"), "-o", "--out", help="Folder for everything the demo makes."
+    ),
+    quick: bool = typer.Option(False, "--quick", help="A smaller run (under 2 minutes on 2 CPU cores)."),
+) -> None:
+    """The whole story offline on the toy model: fine-tune, lr-find, merge, swap matrix, grid, report."""
+    from workbench.demo import run_demo
+
+    with err.status("starting") as status:
+        result = run_demo(out_dir, quick=quick, log=lambda message: status.update(message))
+    table = Table(title=f"wb demo in {result.seconds:.0f} s", title_justify="left")
+    for col in ("model", "mean burn", "mean shape score", "file"):
+        table.add_column(col, justify="right" if col.startswith("mean") else "left")
+    for name, path in result.models.items():
+        s = result.scores.get(name, {})
+        table.add_row(
+            name, f"{s.get('burn', float('nan')):.2f}", f"{s.get('shape score', float('nan')):.3f}", str(path)
+        )
+    out.print(table)
+    lr = result.lr_find
+    fmt = lambda v: "-" if v is None else f"{v:.3g}"  # noqa: E731
+    out.print(f"lr-find: lower {fmt(lr['lower'])}, upper {fmt(lr['upper'])}, midpoint {fmt(lr['midpoint'])}")
+    for sentence in result.verdicts:
+        out.print(f"swap matrix: [bold]{sentence}[/]", highlight=False)
+    out.print(f"open [bold]{result.index_html}[/] (grid: {result.grid})", highlight=False)
 
 
 def main() -> None:  # pragma: no cover - console script entry

@@ -9,19 +9,15 @@ Nothing heavy is imported at module level: `wb --help` stays instant.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import time
 from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from workbench.console import err, friendly, out
 from workbench.errors import WorkbenchError
-
-out = Console()
-err = Console(stderr=True)
 
 recipe_app = typer.Typer(
     help="Training recipes: show one resolved, or import an EveryDream2 train.json.",
@@ -29,16 +25,6 @@ recipe_app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-
-
-def _friendly(fn):
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        from workbench.cli import friendly
-
-        return friendly(fn)(*args, **kwargs)
-
-    return wrapper
 
 
 SET_HELP = "Override a recipe field: --set training.max_steps=40 (the value is YAML). Repeatable."
@@ -168,7 +154,7 @@ def _show(value) -> str:
 
 
 @recipe_app.command("show")
-@_friendly
+@friendly
 def recipe_show(
     recipe: Path = typer.Argument(..., metavar="RECIPE.yaml"),
     overrides: list[str] = typer.Option(None, "--set", help=SET_HELP),
@@ -182,7 +168,7 @@ def recipe_show(
 
 
 @recipe_app.command("from-ed2")
-@_friendly
+@friendly
 def recipe_from_ed2(
     train_json: Path = typer.Argument(..., metavar="TRAIN.json", help="EveryDream2's train.json."),
     output: Path = typer.Option(..., "-o", "--output", help="The recipe YAML to write."),

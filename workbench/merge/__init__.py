@@ -1,0 +1,31 @@
+"""wb merge: streaming checkpoint merges with recipes, block weights and provenance.
+
+methods.py (formulas), blocks.py (block-weight names), recipe.py (the merge graph), engine.py (plan
+from headers, stream key by key), provenance.py (metadata and ancestry), replay.py, cli.py (Typer).
+
+Nothing is imported eagerly: `wb --help` must not pay for torch. The names below load on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "MergePlan": "engine",
+    "MergeResult": "engine",
+    "execute": "engine",
+    "merge": "engine",
+    "plan_merge": "engine",
+    "ancestry_tree": "provenance",
+    "render_ancestry": "provenance",
+    "Recipe": "recipe",
+    "load_yaml": "recipe",
+    "single_step": "recipe",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"workbench.merge.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'workbench.merge' has no attribute {name!r}")

@@ -1,0 +1,662 @@
+"""The merge engine: plan a recipe from the headers, then stream the output key by key.
+
+Planning reads headers only: architectures, key sets, dtypes and shapes of every input are checked
+before a single tensor byte is read (an SD1 + SDXL merge is refused in milliseconds, naming the
+first bad key, instead of trying to allocate hundreds of gigabytes). Execution walks the output's
+keys once; for each key it pulls the inputs' tensors lazily (memory-mapped), evaluates the recipe's
+graph for that key in float32, casts to the output dtype and hands the tensor to the streaming
+writer, which puts it at its final offset in a temporary file that becomes the output only when
+complete.
+
+Memory stays bounded and independent of the model's size and of the number of inputs: elementwise
+methods run on cache-sized chunks through float32 buffers that each worker thread allocates once
+and reuses (fresh allocations cost page faults on every tensor); only one output tensor per worker
+is ever held. Keys are spread over a small thread pool; each key is computed by one thread with
+torch's own threading off, so the result never depends on scheduling: replays are bit-identical.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from workbench.checkpoint.describe import CONV_IN, FAMILY_OF, component_of, detect_architecture
+from workbench.checkpoint.hashing import sha256_file
+from workbench.checkpoint.reader import Checkpoint, open_checkpoint
+from workbench.checkpoint.safetensors_io import SafetensorsWriter, TensorInfo, read_header
+from workbench.errors import WorkbenchError
+from workbench.merge.blocks import INPUT_BLOCKS, block_names, block_of, count_input_blocks, parse_blocks
+from workbench.merge.recipe import DTYPES as OUT_DTYPES
+from workbench.merge.recipe import Recipe, Step
+
+# Elements per chunk of an elementwise merge: 4 MiB of float32 per buffer, so the two to four
+# buffers of each of two workers stay in the shared L3 cache while the chunk is worked on.
+CHUNK = 1 << 20
+POSITION_IDS = "embeddings.position_ids"
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class Source:
+    """One opened input: its header is known, no tensor data has been read."""
+
+    name: str
+    path: Path
+    ckpt: Checkpoint
+    architecture: str
+    layout: str
+    variants: list[str]
+    size: int
+    sha256: str | None = None
+
+
+@dataclass(frozen=True)
+class StepCall:
+    params: dict[str, float]
+    partial: int | None = None  # merge only input channels [:partial] (an inpainting A with a normal B)
+
+
+@dataclass
+class KeyPlan:
+    key: str
+    out: TensorInfo
+    component: str
+    how: str  # "merge" | "copy" | "int" | "position_ids"
+    source: str  # the input copied for everything but "merge" (the base, through pass-throughs)
+    calls: tuple[StepCall | None, ...] = ()  # per recipe step; None: the step passes A through
+    chunked: bool = False
+
+
+@dataclass
+class MergePlan:
+    recipe: Recipe
+    sources: dict[str, Source]
+    base: str  # the input whose keys the output has (A, followed through the first inputs)
+    architecture: str
+    layout: str
+    variants: list[str]
+    blocks: list[str]
+    keys: list[KeyPlan]
+    missing: dict[str, list[str]] = field(default_factory=dict)  # key -> inputs lacking it (A kept)
+    dropped: dict[str, list[str]] = field(default_factory=dict)  # key -> inputs having it; not written
+    partial: list[str] = field(default_factory=list)
+
+    @property
+    def out_bytes(self) -> int:
+        return sum(k.out.nbytes for k in self.keys)
+
+    def count(self, how: str) -> int:
+        return sum(1 for k in self.keys if k.how == how)
+
+    def close(self) -> None:
+        for src in self.sources.values():
+            src.ckpt.close()
+
+    def by_component(self) -> dict[str, dict[str, int]]:
+        table: dict[str, dict[str, int]] = {}
+        for k in self.keys:
+            row = table.setdefault(k.component, {"merge": 0, "copy": 0, "int": 0, "position_ids": 0})
+            row[k.how] += 1
+        return table
+
+
+@dataclass
+class MergeResult:
+    path: Path
+    plan: MergePlan
+    seconds: float
+    bytes: int
+    position_ids_reset: list[str]
+    metadata: dict[str, str]
+
+
+# ---------------------------------------------------------------------------------------------------
+# planning (headers only)
+
+
+def open_sources(recipe: Recipe) -> dict[str, Source]:
+    sources = {}
+    for inp in recipe.inputs:
+        ckpt = open_checkpoint(inp.path)
+        try:
+            arch, layout, variants = detect_architecture(ckpt.infos, ckpt.metadata)
+        except WorkbenchError as e:
+            raise WorkbenchError(f"{inp.path}: {e}") from None
+        size = ckpt.path.stat().st_size if ckpt.path.is_file() else ckpt.nbytes
+        sources[inp.name] = Source(inp.name, ckpt.path, ckpt, arch, layout, variants, size)
+    return sources
+
+
+def plan_merge(
+    recipe: Recipe, out_path: str | os.PathLike | None = None, with_hash: bool = True
+) -> MergePlan:
+    """Check everything that can be checked from the headers and decide what happens to every key.
+
+    Raises WorkbenchError (one line, naming the file and the first bad key) for mismatched
+    architectures or shapes, before any tensor data is read. `with_hash` adds the inputs' sha256
+    (read once per file, then cached), needed for the output's provenance."""
+    sources = open_sources(recipe)
+    if out_path is not None:
+        _check_output_path(Path(out_path), sources)
+    base = _root_input(recipe, recipe.output)
+    base_src = sources[base]
+    for src in sources.values():
+        if src is not base_src:
+            _check_same_architecture(base_src, src)
+
+    n_in = INPUT_BLOCKS.get(base_src.layout, 12)
+    own_n_in = count_input_blocks(base_src.ckpt.infos)
+    for step in recipe.steps:
+        if step.blocks is not None:
+            counts = [n_in] + ([own_n_in] if own_n_in > 0 else [])
+            parse_blocks(step.blocks, counts, f"step {step.name!r} blocks")
+    if any(s.blocks is not None and len(s.blocks) == 2 * own_n_in + 2 for s in recipe.steps):
+        n_in = own_n_in  # a small model in a real layout, weighted per its own blocks
+    names = block_names(n_in)
+
+    plan = MergePlan(
+        recipe, sources, base, base_src.architecture, base_src.layout, base_src.variants, names, []
+    )
+    out_dtype = OUT_DTYPES[recipe.dtype]
+    step_index = {s.name: i for i, s in enumerate(recipe.steps)}
+    for key, a_info in base_src.ckpt.infos.items():
+        plan.keys.append(_plan_key(key, a_info, plan, step_index, out_dtype, names, n_in))
+    out_keys = base_src.ckpt.infos
+    for src in sources.values():
+        for key in src.ckpt.infos:
+            if key not in out_keys:
+                plan.dropped.setdefault(key, []).append(src.name)
+    if with_hash:
+        for src in sources.values():
+            if src.path.is_file():
+                src.sha256 = sha256_file(src.path)
+                _check_recorded_hash(recipe, src)
+    return plan
+
+
+def _check_recorded_hash(recipe: Recipe, src: Source) -> None:
+    inp = recipe.input(src.name)
+    if inp is not None and inp.sha256 and inp.sha256 != src.sha256:
+        raise WorkbenchError(
+            f"{src.path}: sha256 {src.sha256[:10]}..., but the recipe's input {src.name!r} "
+            f"is {inp.sha256[:10]}..."
+        )
+
+
+def _check_output_path(out: Path, sources: dict[str, Source]) -> None:
+    for src in sources.values():
+        try:
+            same = out.exists() and os.path.samefile(out, src.path)
+        except OSError:
+            same = False
+        if same or out.resolve() == src.path.resolve():
+            raise WorkbenchError(f"{out}: the output cannot be one of the inputs (it is input {src.name!r})")
+    if not out.parent.is_dir():
+        raise WorkbenchError(f"{out}: folder {out.parent} does not exist")
+
+
+def _root_input(recipe: Recipe, node: str) -> str:
+    """The input a node's keys come from: a step's value is shaped like its first input's."""
+    while (step := recipe.step(node)) is not None:
+        node = step.inputs[0]
+    return node
+
+
+def _check_same_architecture(a: Source, b: Source) -> None:
+    if FAMILY_OF.get(a.layout, a.layout) == FAMILY_OF.get(b.layout, b.layout):
+        return
+    first = _first_mismatch(a.ckpt.infos, b.ckpt.infos)
+    raise WorkbenchError(
+        f"{b.path} is {b.layout}, {a.path} is {a.layout}: different architectures cannot be merged "
+        f"(refused before reading any tensor; first mismatch: {first})"
+    )
+
+
+def _first_mismatch(a: dict[str, TensorInfo], b: dict[str, TensorInfo]) -> str:
+    for key, info in a.items():
+        other = b.get(key)
+        if other is not None and other.shape != info.shape:
+            return f"{key} is {list(other.shape)} vs {list(info.shape)}"
+    missing = next((k for k in a if k not in b), None)
+    return f"{missing} is missing" if missing else "no key in common"
+
+
+def _plan_key(
+    key: str,
+    a_info: TensorInfo,
+    plan: MergePlan,
+    step_index: dict[str, int],
+    out_dtype: str,
+    names: list[str],
+    n_in: int,
+) -> KeyPlan:
+    recipe, sources = plan.recipe, plan.sources
+    component = component_of(key, plan.layout)
+    block = 0  # BASE
+    if component == "unet" and any(s.blocks is not None for s in recipe.steps):
+        name = block_of(key, n_in)
+        if name not in names:
+            raise WorkbenchError(f"{key}: block {name} is not one of this model's {len(names)} block names")
+        block = names.index(name)
+    if key.endswith(POSITION_IDS) and component.startswith("text_encoder"):
+        # Never merged, whatever the inputs hold: written as int64 0..N-1 (reset if A's is broken).
+        return KeyPlan(key, TensorInfo("I64", a_info.shape), component, "position_ids", plan.base)
+    # What each node (input or step) holds for this key: its header info, or None when absent.
+    value: dict[str, TensorInfo | None] = {name: src.ckpt.infos.get(key) for name, src in sources.items()}
+    calls: list[StepCall | None] = []
+    for step in recipe.steps:
+        a = value[step.inputs[0]]
+        value[step.name] = a
+        if a is None:
+            calls.append(None)
+            continue
+        weight = step.weight(component, block)
+        if weight is None or not a.is_float:
+            calls.append(None)
+            continue
+        others = [(ref, value[ref]) for ref in step.inputs[1:]]
+        lacking = [_root_input(recipe, ref) for ref, info in others if info is None]
+        if lacking:
+            missing = plan.missing.setdefault(key, [])
+            missing.extend(n for n in lacking if n not in missing)
+            calls.append(None)
+            continue
+        partial = _check_shapes(key, step, a, others, recipe, sources)
+        if partial is not None and key not in plan.partial:
+            plan.partial.append(key)
+        calls.append(StepCall(step.key_params(weight), partial))
+
+    # Follow the output back through pass-throughs: a file reached that way is copied, not merged.
+    node, merged = recipe.output, False
+    while node in step_index:
+        call = calls[step_index[node]]
+        if call is not None:
+            merged = True
+            break
+        node = recipe.steps[step_index[node]].inputs[0]
+    source = node if not merged else plan.base
+
+    if not a_info.is_float:
+        return KeyPlan(key, a_info, component, "int", plan.base)
+    out = TensorInfo(out_dtype, a_info.shape)
+    if not merged:
+        return KeyPlan(key, out, component, "copy", source)
+    chunked = all(
+        c is None or (s.spec.elementwise and c.partial is None)
+        for c, s in zip(calls, recipe.steps, strict=True)
+    )
+    return KeyPlan(key, out, component, "merge", source, tuple(calls), chunked)
+
+
+def _check_shapes(key, step: Step, a: TensorInfo, others, recipe: Recipe, sources) -> int | None:
+    """None when every input matches A's shape; the channel count to merge for an inpainting or
+    instruct-pix2pix A (8 or 9 input channels) with a normal 4-channel model, as A1111 does."""
+    partial = None
+    a_path = sources[_root_input(recipe, step.inputs[0])].path
+    for ref, info in others:
+        b_path = sources[_root_input(recipe, ref)].path
+        if not info.is_float:
+            raise WorkbenchError(
+                f"{key}: {info.dtype} in {b_path} but {a.dtype} in {a_path}; integer tensors are never merged"
+            )
+        if info.shape == a.shape:
+            continue
+        same_but_channels = (
+            key == CONV_IN
+            and len(info.shape) == 4 == len(a.shape)
+            and info.shape[0] == a.shape[0]
+            and info.shape[2:] == a.shape[2:]
+        )
+        if same_but_channels and info.shape[1] < a.shape[1] and partial in (None, info.shape[1]):
+            partial = info.shape[1]
+            continue
+        if same_but_channels and info.shape[1] > a.shape[1]:
+            raise WorkbenchError(
+                f"{key}: {b_path} has {info.shape[1]} input channels, {a_path} has {a.shape[1]}: "
+                "the inpainting (or instruct-pix2pix) model must be A"
+            )
+        raise WorkbenchError(
+            f"{key}: shape {list(info.shape)} in {b_path} does not match {list(a.shape)} in {a_path}"
+        )
+    return partial
+
+
+# ---------------------------------------------------------------------------------------------------
+# execution
+
+
+class _Cancelled(Exception):
+    pass
+
+
+@dataclass
+class _Scratch:
+    """One worker's reusable float32 buffers for the values of the graph (cache-sized in chunked mode)."""
+
+    slots: list[torch.Tensor] = field(default_factory=list)
+    used: int = 0
+    staging: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.uint8))
+
+    def stage(self, nbytes: int) -> torch.Tensor:
+        if self.staging.numel() < nbytes:
+            self.staging = torch.empty(nbytes, dtype=torch.uint8)
+        return self.staging[:nbytes]
+
+    def take(self, n: int) -> torch.Tensor:
+        if self.used == len(self.slots):
+            self.slots.append(torch.empty(max(n, 1), dtype=torch.float32))
+        elif self.slots[self.used].numel() < n:
+            self.slots[self.used] = torch.empty(n, dtype=torch.float32)
+        buf = self.slots[self.used][:n]
+        self.used += 1
+        return buf
+
+
+class _OutBuffer:
+    """Bytes holding one finished output tensor until the writer has written it, then reused.
+
+    Every buffer is reserved at the largest size any key needs, once: pages are only touched (and
+    counted as memory) as tensors fill them, and a buffer never has to be reallocated, which on a
+    VM costs a page fault per 4 KiB every time."""
+
+    def __init__(self, capacity: int):
+        self.data = torch.empty(max(capacity, 1), dtype=torch.uint8)
+
+    def view(self, info: TensorInfo) -> torch.Tensor:
+        return self.data[: info.nbytes].view(info.torch_dtype).view(info.shape)
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1)
+
+
+class _ChunkReader:
+    """Reads element ranges of one input's tensors into float32 buffers.
+
+    A safetensors input is read with pread through a small reused staging buffer: the same bytes
+    the memory map would give, without a page fault per few pages of mapping (on a VM those cost
+    more than the copy). Other formats go through the checkpoint's lazy mapping."""
+
+    def __init__(self, ckpt: Checkpoint):
+        self.ckpt = ckpt
+        self.fd: int | None = None
+        self.offsets: dict[str, tuple[int, int]] = {}
+        if ckpt.format == "safetensors" and ckpt.path.is_file():
+            self.offsets = read_header(ckpt.path).offsets
+            self.fd = os.open(ckpt.path, os.O_RDONLY)
+
+    def read(self, key: str, lo: int, hi: int, out: torch.Tensor, scratch: _Scratch) -> None:
+        info = self.ckpt.infos[key]
+        if self.fd is None:
+            out.copy_(_flat(self.ckpt[key])[lo:hi])
+            return
+        size = info.torch_dtype.itemsize
+        start = self.offsets[key][0] + lo * size
+        if info.dtype == "F32":  # straight into the float32 buffer
+            self._pread(_flat(out).view(torch.uint8), start)
+            return
+        raw = scratch.stage((hi - lo) * size)
+        self._pread(raw, start)
+        out.copy_(raw.view(info.torch_dtype))
+
+    def _pread(self, dst: torch.Tensor, offset: int) -> None:
+        view = memoryview(dst.numpy()).cast("B")
+        while len(view):
+            n = os.preadv(self.fd, [view], offset)
+            if n <= 0:
+                raise WorkbenchError(f"{self.ckpt.path}: file shrank while merging (read at {offset})")
+            view, offset = view[n:], offset + n
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+class _KeyEvaluator:
+    """Evaluates the recipe graph for one key over one range of its elements."""
+
+    def __init__(self, plan: MergePlan, step_index: dict[str, int]):
+        self.plan = plan
+        self.recipe = plan.recipe
+        self.step_index = step_index
+        self.srcs = {name: s.ckpt for name, s in plan.sources.items()}
+        self.readers = {name: _ChunkReader(s.ckpt) for name, s in plan.sources.items()}
+
+    def close(self) -> None:
+        for reader in self.readers.values():
+            reader.close()
+
+    def value(self, node: str, kp: KeyPlan, scratch: _Scratch, lo: int, hi: int | None) -> torch.Tensor:
+        """Chunk [lo, hi) of the node's value, flat (hi given), or the whole tensor shaped (hi None)."""
+        i = self.step_index.get(node)
+        if i is None:
+            if hi is None:
+                src = self.srcs[node][kp.key]
+                buf = scratch.take(src.numel()).view(src.shape)
+                buf.copy_(src)
+                return buf
+            buf = scratch.take(hi - lo)
+            self.readers[node].read(kp.key, lo, hi, buf, scratch)
+            return buf
+        step = self.recipe.steps[i]
+        call = kp.calls[i]
+        if call is None:
+            return self.value(step.inputs[0], kp, scratch, lo, hi)
+        args = [self.value(ref, kp, scratch, lo, hi) for ref in step.inputs]
+        if call.partial is None:
+            return step.spec.call(args, call.params, kp.key)
+        c = call.partial
+        full = args[0]
+        head = scratch.take(full[:, :c].numel()).view(full[:, :c].shape)
+        head.copy_(full[:, :c])
+        full[:, :c] = step.spec.call([head, *args[1:]], call.params, kp.key)
+        return full
+
+
+def _compute(
+    kp: KeyPlan, ev: _KeyEvaluator, scratch: _Scratch, out: torch.Tensor, cancel: threading.Event
+) -> None:
+    """Fill `out` (the output dtype and shape) with the merged key."""
+    flat_out = _flat(out)
+    n = kp.out.numel
+    if kp.chunked:
+        for lo in range(0, n, CHUNK):
+            if cancel.is_set():
+                raise _Cancelled
+            hi = min(n, lo + CHUNK)
+            scratch.used = 0
+            flat_out[lo:hi].copy_(ev.value(ev.recipe.output, kp, scratch, lo, hi))
+    else:
+        scratch.used = 0
+        flat_out.copy_(_flat(ev.value(ev.recipe.output, kp, scratch, 0, None)))
+
+
+def _produce(
+    kp: KeyPlan,
+    ev: _KeyEvaluator,
+    scratch: _Scratch,
+    buf: _OutBuffer,
+    cancel: threading.Event,
+    reset: list[str],
+) -> tuple[torch.Tensor, bool]:
+    """The output tensor of one key, and whether it lives in `buf` (else it is the mapped input)."""
+    if kp.how == "merge":
+        out = buf.view(kp.out)
+        _compute(kp, ev, scratch, out, cancel)
+        return out, True
+    src = ev.srcs[kp.source][kp.key]
+    if kp.how == "position_ids":
+        want = torch.arange(kp.out.numel, dtype=torch.int64)
+        if src.dtype != torch.int64 or not torch.equal(_flat(src), want):
+            reset.append(kp.key)  # a float or shuffled position_ids breaks the text encoder
+            return want.view(kp.out.shape), False
+        return src, False
+    if src.dtype == kp.out.torch_dtype:
+        return src, False  # written straight from the mapped input, no copy
+    out = buf.view(kp.out)
+    out.copy_(src)
+    return out, True
+
+
+def execute(
+    plan: MergePlan,
+    out_path: str | os.PathLike,
+    threads: int = 2,
+    progress: Progress | None = None,
+    command: str | None = None,
+) -> MergeResult:
+    """Write the planned merge to `out_path` (atomically: nothing is left behind on any error).
+
+    With `threads` >= 2, `threads - 1` workers compute keys while the calling thread writes the
+    finished tensors: writing the output into the page cache is the slowest part of a merge (one
+    worker keeps up with it for the elementwise methods), so computing hides behind it. With 1,
+    everything happens in turn on the calling thread. The output is the same byte for byte."""
+    from workbench.merge.provenance import merge_metadata
+
+    if threads < 1:
+        raise WorkbenchError(f"--threads must be at least 1, got {threads}")
+    out = Path(out_path)
+    _check_output_path(out, plan.sources)
+    metadata = merge_metadata(plan, out, command)
+    started = time.perf_counter()
+    ev = _KeyEvaluator(plan, {s.name: i for i, s in enumerate(plan.recipe.steps)})
+    reset: list[str] = []
+    for ckpt in ev.srcs.values():  # map every input once, here, before workers share them
+        first = next(iter(ckpt.infos), None)
+        if first is not None:
+            ckpt[first]
+    torch_threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # parallelism comes from the workers; nested pools only contend
+    try:
+        with SafetensorsWriter(
+            out, {k.key: k.out for k in plan.keys}, metadata, inputs=[s.path for s in plan.sources.values()]
+        ) as writer:
+            if threads == 1:
+                _sequential(plan, ev, writer, progress, reset)
+            else:
+                _pipeline(plan, ev, writer, threads - 1, progress, reset)
+    finally:
+        torch.set_num_threads(torch_threads)
+        ev.close()
+    return MergeResult(out, plan, time.perf_counter() - started, out.stat().st_size, reset, metadata)
+
+
+_DONE = object()
+
+
+def _needs_buffer(kp: KeyPlan, ev: _KeyEvaluator) -> bool:
+    return kp.how == "merge" or (kp.how == "copy" and ev.srcs[kp.source].infos[kp.key].dtype != kp.out.dtype)
+
+
+def _sequential(
+    plan: MergePlan, ev: _KeyEvaluator, writer: SafetensorsWriter, progress: Progress | None, reset: list[str]
+) -> None:
+    scratch = _Scratch()
+    capacity = max((k.out.nbytes for k in plan.keys if _needs_buffer(k, ev)), default=0)
+    buf, never = _OutBuffer(capacity), threading.Event()
+    done = 0
+    for kp in plan.keys:
+        tensor, _ = _produce(kp, ev, scratch, buf, never, reset)
+        writer.write(kp.key, tensor)
+        done += kp.out.nbytes
+        if progress is not None:
+            progress(done, plan.out_bytes)
+
+
+def _pipeline(
+    plan: MergePlan,
+    ev: _KeyEvaluator,
+    writer: SafetensorsWriter,
+    workers: int,
+    progress: Progress | None,
+    reset: list[str],
+) -> None:
+    """Workers take keys in order and compute them into output buffers from a small shared pool
+    (the pool bounds memory and makes workers wait when the writer falls behind); this thread
+    writes each finished tensor and returns its buffer. On any error, Ctrl-C included, every worker
+    is stopped before returning, so the writer never closes its file under a thread using it."""
+    cancel = threading.Event()
+    free: queue.Queue[_OutBuffer] = queue.Queue()
+    capacity = max((k.out.nbytes for k in plan.keys if _needs_buffer(k, ev)), default=0)
+    for _ in range(workers + 1):  # one per worker, one being written
+        free.put(_OutBuffer(capacity))
+    ready: queue.Queue = queue.Queue()
+    keys = iter(plan.keys)
+    keys_lock = threading.Lock()
+
+    def next_key() -> KeyPlan | None:
+        with keys_lock:
+            return next(keys, None)
+
+    def take_buffer() -> _OutBuffer:
+        while True:
+            if cancel.is_set():
+                raise _Cancelled
+            try:
+                return free.get(timeout=0.05)
+            except queue.Empty:
+                continue
+
+    def work() -> None:
+        scratch = _Scratch()
+        try:
+            while (kp := next_key()) is not None:
+                buf = take_buffer()
+                tensor, uses_buf = _produce(kp, ev, scratch, buf, cancel, reset)
+                if not uses_buf:
+                    free.put(buf)
+                ready.put((kp, tensor, buf if uses_buf else None))
+        except _Cancelled:
+            pass
+        except BaseException as e:  # handed to the writing thread, which raises it
+            ready.put(e)
+        finally:
+            ready.put(_DONE)
+
+    pool = [threading.Thread(target=work, name=f"wb-merge-{i}", daemon=True) for i in range(workers)]
+    total, done, running = plan.out_bytes, 0, workers
+    try:
+        for t in pool:
+            t.start()
+        while running:
+            item = ready.get()
+            if item is _DONE:
+                running -= 1
+                continue
+            if isinstance(item, BaseException):
+                raise item
+            kp, tensor, buf = item
+            writer.write(kp.key, tensor)
+            if buf is not None:
+                free.put(buf)
+            done += kp.out.nbytes
+            if progress is not None:
+                progress(done, total)
+    finally:
+        cancel.set()
+        for t in pool:
+            t.join()
+
+
+def merge(
+    recipe: Recipe,
+    out_path: str | os.PathLike,
+    threads: int = 2,
+    progress: Progress | None = None,
+    command: str | None = None,
+) -> MergeResult:
+    """Plan and execute a recipe: the library entry point behind every `wb merge` command."""
+    plan = plan_merge(recipe, out_path)
+    try:
+        return execute(plan, out_path, threads, progress, command)
+    finally:
+        plan.close()

@@ -1,0 +1,359 @@
+"""A merge recipe: named inputs (paths), named steps (method, inputs by name, parameters), one output.
+
+The same structure comes from CLI flags (one step), from a YAML file (`wb merge run`) and from the
+JSON that every merged file carries (`wb merge replay`). Steps may only refer to inputs and earlier
+steps, so the graph has no cycles and evaluates in file order, key by key, with nothing written
+between steps.
+
+Per-component weights and block weights override the method's weight parameter (`alpha`; `lambda`
+for ties and dare) for the keys they name:
+- UNet keys: the block weight of the key's block when `blocks` is given, else `components.unet`,
+  else the step's own weight;
+- text encoder keys: `components.text_encoder`, else the BASE block weight, else the step's weight;
+- VAE, EMA and everything else (scheduler buffers): merged only when `components` names them;
+  otherwise the step passes its first input (A, or the base) through unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import yaml
+
+from workbench.errors import WorkbenchError
+from workbench.merge.blocks import parse_blocks
+from workbench.merge.methods import Method, check_params, get_method
+
+RECIPE_FORMAT = "wb-merge-recipe/1"
+DTYPES = {"fp16": "F16", "bf16": "BF16", "fp32": "F32"}
+COMPONENTS = ("unet", "text_encoder", "vae", "ema", "other")
+COMPONENT_ALIASES = {
+    "te": "text_encoder",
+    "clip": "text_encoder",
+    "text_encoder_2": "text_encoder",
+    "model_ema": "ema",
+    "diffuser": "unet",
+}
+_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+
+
+@dataclass
+class Input:
+    name: str
+    path: str
+    sha256: str | None = None
+    size: int | None = None
+
+
+@dataclass
+class Step:
+    name: str
+    method: str
+    inputs: list[str]
+    params: dict[str, float]
+    components: dict[str, float] = field(default_factory=dict)
+    blocks: list[float] | None = None
+
+    @property
+    def spec(self) -> Method:
+        return get_method(self.method)
+
+    def weight(self, component: str, block_index: int | None) -> float | None:
+        """The weight parameter's value for a key of `component` in block `block_index` (None: not
+        merged, the step passes its first input through). See the module docstring for the rules."""
+        main = self.params[self.spec.weight_param]
+        if component == "unet":
+            if self.blocks is not None and block_index is not None:
+                return self.blocks[block_index]
+            return self.components.get("unet", main)
+        if component in ("text_encoder", "text_encoder_2"):
+            if "text_encoder" in self.components:
+                return self.components["text_encoder"]
+            if self.blocks is not None:
+                return self.blocks[0]  # BASE
+            return main
+        return self.components.get(component)
+
+    def key_params(self, weight: float) -> dict[str, float]:
+        return {**self.params, self.spec.weight_param: weight}
+
+
+@dataclass
+class Recipe:
+    inputs: list[Input]
+    steps: list[Step]
+    output: str
+    dtype: str = "fp16"
+
+    def input(self, name: str) -> Input | None:
+        return next((i for i in self.inputs if i.name == name), None)
+
+    def step(self, name: str) -> Step | None:
+        return next((s for s in self.steps if s.name == name), None)
+
+    @property
+    def output_step(self) -> Step:
+        step = self.step(self.output)
+        assert step is not None, "validated recipes name an existing output step"
+        return step
+
+    def to_dict(self) -> dict:
+        return {
+            "format": RECIPE_FORMAT,
+            "inputs": [asdict(i) for i in self.inputs],
+            "steps": [asdict(s) for s in self.steps],
+            "output": self.output,
+            "dtype": self.dtype,
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+
+
+def single_step(
+    method_name: str,
+    paths: list[str | os.PathLike],
+    params: Mapping[str, float],
+    components: Mapping[str, float | None] | None = None,
+    blocks: list[float] | None = None,
+    dtype: str = "fp16",
+) -> Recipe:
+    """The recipe of one CLI merge: inputs named by their role (A, B, C, or base, M1, M2, ...)."""
+    method = get_method(method_name)
+    roles = method.input_roles(len(paths))
+    inputs = [Input(role, str(p)) for role, p in zip(roles, paths, strict=True)]
+    comps = {k: v for k, v in (components or {}).items() if v is not None}
+    step = Step("merge", method.name, roles, dict(params), comps, blocks)
+    return validate(Recipe(inputs, [step], "merge", dtype), "command line")
+
+
+def validate(recipe: Recipe, where: str) -> Recipe:
+    """Check names, references, methods, parameters and the dtype; return the recipe pruned to the
+    steps that the output needs, with every parameter filled in."""
+    if recipe.dtype not in DTYPES:
+        raise WorkbenchError(f"{where}: dtype {recipe.dtype!r} is not one of {', '.join(DTYPES)}")
+    names: set[str] = set()
+    for inp in recipe.inputs:
+        _check_name(inp.name, where, names)
+        if not inp.path:
+            raise WorkbenchError(f"{where}: input {inp.name!r} has no path")
+        names.add(inp.name)
+    if not recipe.steps:
+        raise WorkbenchError(f"{where}: no steps")
+    recipe.steps = _in_dependency_order(recipe.steps, names, where)
+    for step in recipe.steps:
+        here = f"{where}: step {step.name!r}"
+        _check_name(step.name, where, names)
+        method = get_method(step.method)
+        step.method = method.name
+        if method.n_inputs is None:
+            if len(step.inputs) < 2:
+                raise WorkbenchError(f"{here}: {method.name} needs a base and at least one model")
+        elif len(step.inputs) != method.n_inputs:
+            raise WorkbenchError(
+                f"{here}: {method.name} takes {method.n_inputs} inputs, got {len(step.inputs)}"
+            )
+        for ref in step.inputs:
+            if ref not in names:
+                raise WorkbenchError(f"{here}: input {ref!r} is neither an input nor a step")
+        step.params = check_params(method, dict(step.params), here)
+        step.components = _check_components(step.components, here)
+        if step.blocks is not None:
+            step.blocks = parse_blocks(step.blocks, None, f"{here}: blocks")
+            if "unet" in step.components:
+                raise WorkbenchError(
+                    f"{here}: a UNet weight and block weights both set the UNet's weight; give one"
+                )
+        names.add(step.name)
+    if recipe.step(recipe.output) is None:
+        raise WorkbenchError(f"{where}: output {recipe.output!r} is not a step")
+    return _prune(recipe)
+
+
+def _in_dependency_order(steps: list[Step], input_names: set[str], where: str) -> list[Step]:
+    """Steps ordered so each comes after the steps it uses (a YAML mapping may list them in any
+    order); a cycle is refused, naming a step on it."""
+    by_name = {s.name: s for s in steps}
+    ordered: list[Step] = []
+    state: dict[str, str] = {}  # name -> "visiting" | "done"
+
+    def visit(step: Step) -> None:
+        if state.get(step.name) == "done":
+            return
+        if state.get(step.name) == "visiting":
+            raise WorkbenchError(f"{where}: step {step.name!r} depends on itself (a cycle)")
+        state[step.name] = "visiting"
+        for ref in step.inputs:
+            if ref in by_name and ref not in input_names:
+                visit(by_name[ref])
+        state[step.name] = "done"
+        ordered.append(step)
+
+    for step in steps:
+        visit(step)
+    return ordered
+
+
+def _check_name(name: str, where: str, taken: set[str]) -> None:
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise WorkbenchError(f"{where}: bad name {name!r} (letters, digits, _ . -)")
+    if name in taken:
+        raise WorkbenchError(f"{where}: name {name!r} is used twice")
+
+
+def _check_components(components: Mapping, where: str) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for name, value in (components or {}).items():
+        comp = COMPONENT_ALIASES.get(str(name), str(name))
+        if comp not in COMPONENTS:
+            raise WorkbenchError(f"{where}: unknown component {name!r} (one of {', '.join(COMPONENTS)})")
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise WorkbenchError(f"{where}: weight of {name!r} must be a number, got {value!r}")
+        out[comp] = float(value)
+    return out
+
+
+def _prune(recipe: Recipe) -> Recipe:
+    """Keep only what the output needs, so a YAML file may hold several mixes sharing inputs."""
+    needed: set[str] = set()
+    pending = [recipe.output]
+    while pending:
+        name = pending.pop()
+        if name in needed:
+            continue
+        needed.add(name)
+        step = recipe.step(name)
+        if step is not None:
+            pending.extend(step.inputs)
+    return Recipe(
+        [i for i in recipe.inputs if i.name in needed],
+        [s for s in recipe.steps if s.name in needed],
+        recipe.output,
+        recipe.dtype,
+    )
+
+
+def from_dict(doc: Mapping, where: str, base_dir: Path | None = None) -> tuple[Recipe, str | None]:
+    """A recipe from a parsed YAML/JSON document, and the output path it names (if any).
+
+    Relative input paths resolve against `base_dir` (the current directory when None)."""
+    if not isinstance(doc, Mapping):
+        raise WorkbenchError(f"{where}: a recipe is a mapping with inputs, steps and output")
+    unknown = sorted(set(doc) - {"format", "inputs", "steps", "output", "dtype", "description"})
+    if unknown:
+        raise WorkbenchError(f"{where}: unknown field {unknown[0]!r}")
+    inputs = _inputs_from(doc.get("inputs"), where, base_dir)
+    steps = _steps_from(doc.get("steps"), where)
+    output = doc.get("output")
+    out_path = None
+    if isinstance(output, Mapping):
+        out_path = output.get("path")
+        output = output.get("step")
+    if output is None and steps:
+        output = steps[-1].name
+    dtype = str(doc.get("dtype", "fp16"))
+    return Recipe(inputs, steps, str(output), dtype), (str(out_path) if out_path else None)
+
+
+def _inputs_from(raw, where: str, base_dir: Path | None) -> list[Input]:
+    if not isinstance(raw, Mapping) and not isinstance(raw, list):
+        raise WorkbenchError(f"{where}: inputs must map names to paths")
+    items = raw.items() if isinstance(raw, Mapping) else [(e.get("name"), e) for e in raw]
+    inputs = []
+    for name, entry in items:
+        if isinstance(entry, (str, os.PathLike)):
+            entry = {"path": str(entry)}
+        if not isinstance(entry, Mapping) or not entry.get("path"):
+            raise WorkbenchError(f"{where}: input {name!r} needs a path")
+        path = Path(os.path.expanduser(str(entry["path"])))
+        if base_dir is not None and not path.is_absolute():
+            path = base_dir / path
+        inputs.append(Input(str(name), str(path), entry.get("sha256"), entry.get("size")))
+    return inputs
+
+
+STEP_FIELDS = {"name", "method", "inputs", "params", "components", "blocks"}
+
+
+def _steps_from(raw, where: str) -> list[Step]:
+    if isinstance(raw, Mapping):
+        raw = [{"name": name, **(body or {})} for name, body in raw.items()]
+    if not isinstance(raw, list):
+        raise WorkbenchError(f"{where}: steps must be a list or a mapping of named steps")
+    steps = []
+    for i, body in enumerate(raw):
+        if not isinstance(body, Mapping):
+            raise WorkbenchError(f"{where}: step {i + 1} is not a mapping")
+        name = str(body.get("name") or f"step{i + 1}")
+        if "method" not in body:
+            raise WorkbenchError(f"{where}: step {name!r} has no method")
+        method = get_method(str(body["method"]))
+        params = dict(body.get("params") or {})
+        for k, v in body.items():  # method parameters may sit at the top of the step
+            if k in STEP_FIELDS:
+                continue
+            if k in method.params:
+                params[k] = v
+            else:
+                raise WorkbenchError(f"{where}: step {name!r}: unknown field {k!r}")
+        inputs = body.get("inputs")
+        if not isinstance(inputs, list) or not all(isinstance(x, str) for x in inputs):
+            raise WorkbenchError(f"{where}: step {name!r}: inputs must be a list of names")
+        blocks = body.get("blocks")
+        if blocks is not None and not isinstance(blocks, (str, list)):
+            raise WorkbenchError(f"{where}: step {name!r}: blocks must be a list or a comma-separated string")
+        components = body.get("components") or {}
+        if not isinstance(components, Mapping):
+            raise WorkbenchError(f"{where}: step {name!r}: components must map component names to weights")
+        steps.append(Step(name, method.name, list(inputs), params, dict(components), blocks))
+    return steps
+
+
+def load_yaml(
+    path: str | os.PathLike, overrides: Mapping[str, str] | None = None, output: str | None = None
+) -> tuple[Recipe, str | None]:
+    """Read a YAML recipe; `overrides` replace input paths by name, `output` picks another step."""
+    p = Path(path)
+    try:
+        doc = yaml.safe_load(p.read_text())
+    except OSError as e:
+        raise WorkbenchError(f"{p}: cannot read: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f" at line {mark.line + 1}" if mark else ""
+        raise WorkbenchError(f"{p}: not valid YAML{line}") from None
+    recipe, out_path = from_dict(doc, str(p))
+    for name, new_path in (overrides or {}).items():
+        inp = recipe.input(name)
+        if inp is None:
+            raise WorkbenchError(f"--input {name}={new_path}: the recipe has no input {name!r}")
+        inp.path, inp.sha256, inp.size = str(new_path), None, None
+    if output is not None:
+        if recipe.step(output) is None:
+            raise WorkbenchError(f"--step {output}: {p} has no step {output!r}")
+        recipe.output, out_path = output, None
+    return validate(recipe, str(p)), out_path
+
+
+def from_json(text: str, where: str) -> Recipe:
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        raise WorkbenchError(f"{where}: the recorded recipe is not valid JSON") from None
+    found = doc.get("format") if isinstance(doc, Mapping) else None
+    if found != RECIPE_FORMAT:
+        raise WorkbenchError(f"{where}: not a wb merge recipe (format {found!r}, expected {RECIPE_FORMAT})")
+    try:
+        inputs = [Input(**i) for i in doc["inputs"]]
+        steps = [Step(**s) for s in doc["steps"]]
+        recipe = Recipe(inputs, steps, doc["output"], doc["dtype"])
+    except (KeyError, TypeError) as e:
+        raise WorkbenchError(f"{where}: malformed recipe ({e})") from None
+    return validate(recipe, where)
