@@ -86,6 +86,11 @@ def inspect(
             out.print(tree)
 
 
+from workbench.toy.cli import toy_pretrain  # noqa: E402
+
+toy_app.command("pretrain")(friendly(toy_pretrain))
+
+
 @toy_app.command("init")
 @friendly
 def toy_init(
