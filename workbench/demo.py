@@ -3,7 +3,7 @@
 1. the base: the toy model that ships with wb (`wb toy pretrain` made it; it draws shapes);
 2. two fine-tunes of it on another procedural set: "v4" (AdamW with a deliberately high UNet lr:
    a burnt UNet, as Vodka V4 was) and "dadapt" (D-Adaptation Adam, lr 1.0 as a multiplier);
-3. the LR range test on the toy recipe, bounds found automatically;
+3. the LR range test on the toy recipe (a fresh toy model), bounds found automatically;
 4. the V4 mixes: v4 + dadapt (weighted 0.5), v4 + (dadapt - base) (add-difference), and the
    kitchen sink through a merge recipe;
 5. the swap matrix of base and v4, with its verdict;
@@ -191,16 +191,17 @@ def run_demo(out_dir: str | os.PathLike, quick: bool = False, log: Log | None = 
         runs[name] = result.run_dir
         lap(f"train {name}", t0)
 
-    # The range test runs on the fine-tune's own data from the base, as seed 003 ran it before training.
-    say(f"LR range test on the fine-tune data ({settings.lr_find_steps} steps)")
+    # The range test of recipes/toy.yaml: a fresh toy model on the toy shapes, lr ramped from 0.
+    say(f"LR range test on the toy recipe ({settings.lr_find_steps} steps)")
     t0 = time.time()
-    ramp = parse_recipe(
-        _finetune_recipe(base, "lr_find", settings.lr_find_steps, size, OPTIMIZERS["v4"]), "wb demo"
-    )
-    test = lf.RangeTest(lr_min=0.0, lr_max=5e-4, steps=settings.lr_find_steps, component="unet",
+    ramp_data = _finetune_recipe(base, "lr_find", settings.lr_find_steps, size, OPTIMIZERS["v4"])
+    ramp_data["model"] = {"base": "toy:init", "init_seed": 0}
+    ramp_data["data"] = {"root": "toy:shapes", "resolution": size, "toy": {"n": 96, "seed": 0}}
+    ramp = parse_recipe(ramp_data, "wb demo (the toy recipe)")
+    test = lf.RangeTest(lr_min=0.0, lr_max=1e-2, steps=settings.lr_find_steps,
                         val_every=max(settings.lr_find_steps // 12, 1))  # fmt: skip
     _, finding = lf.run_range_test(ramp, test, out / "lr_find", source={"made_by": "wb demo"})
-    lf.write_report(finding, out / "lr_find", {"recipe": "the demo's v4 fine-tune recipe"})
+    lf.write_report(finding, out / "lr_find", {"recipe": "the toy recipe (a fresh toy model on toy:shapes)"})
     lap("lr-find", t0)
 
     say("merging: weighted, add-difference, and the kitchen sink recipe")
