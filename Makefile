@@ -21,9 +21,8 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: install
-	mkdir -p $(DEMO)
-	$(BIN)/wb toy init $(DEMO)/toy.safetensors
-	$(BIN)/wb inspect $(DEMO)/toy.safetensors
+	$(BIN)/wb demo -o $(DEMO)
+	@echo "open $(DEMO)/index.html"
 
 lint: install
 	$(BIN)/ruff check .
