@@ -53,7 +53,7 @@ class Settings:
     @classmethod
     def for_mode(cls, quick: bool) -> Settings:
         if quick:
-            return cls(12, 24, [1], PROMPTS[:2], 4, PROMPTS[:1])
+            return cls(12, 16, [1], PROMPTS[:2], 4, PROMPTS[:1])
         return cls(160, 80, [1, 2], PROMPTS, 12, PROMPTS[:2])
 
 
@@ -197,9 +197,10 @@ def run_demo(out_dir: str | os.PathLike, quick: bool = False, log: Log | None = 
     ramp_data = _finetune_recipe(base, "lr_find", settings.lr_find_steps, size, OPTIMIZERS["v4"])
     ramp_data["model"] = {"base": "toy:init", "init_seed": 0}
     ramp_data["data"] = {"root": "toy:shapes", "resolution": size, "toy": {"n": 96, "seed": 0}}
+    ramp_data["validation"]["stabilize_train"] = False  # the range test reads loss/val only
     ramp = parse_recipe(ramp_data, "wb demo (the toy recipe)")
     test = lf.RangeTest(lr_min=0.0, lr_max=1e-2, steps=settings.lr_find_steps,
-                        val_every=max(settings.lr_find_steps // 12, 1))  # fmt: skip
+                        val_every=max(settings.lr_find_steps // 8, 1))  # fmt: skip
     _, finding = lf.run_range_test(ramp, test, out / "lr_find", source={"made_by": "wb demo"})
     lf.write_report(finding, out / "lr_find", {"recipe": "the toy recipe (a fresh toy model on toy:shapes)"})
     lap("lr-find", t0)
