@@ -70,22 +70,42 @@ def train(
     overrides: list[str] = typer.Option(None, "--set", help=SET_HELP),
     output: Path = typer.Option(None, "-o", "--output", help="The new run folder (default: runs/NAME-TIME)."),
     ed2: Path = typer.Option(None, "--ed2", help="Train from an EveryDream2 train.json instead of a recipe."),
+    resume: Path = typer.Option(
+        None, "--resume", metavar="RUNDIR", help="Continue an interrupted run from its state/ folder."
+    ),
 ) -> None:
     """Fine-tune a Stable Diffusion checkpoint as a recipe says, into a new run folder.
 
     The folder gets run.json (resolved recipe, versions, device, data fingerprint), split.json,
-    metrics.jsonl, TensorBoard events and checkpoints/NAME-epNN-gsNNNNN.safetensors.
+    metrics.jsonl, TensorBoard events and checkpoints/NAME-epNN-gsNNNNN.safetensors. Ctrl-C saves
+    a checkpoint and a resumable state; `wb train --resume RUNDIR` continues exactly from there.
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
+    from workbench.train.loop import resume_training
     from workbench.train.loop import train as run_training
 
     overrides = list(overrides or [])
+    if resume is not None:
+        if recipe is not None or ed2 is not None or overrides or output is not None:
+            raise WorkbenchError(
+                "--resume: continues the run with the recipe its run.json records; "
+                "give no recipe, --ed2, --set or -o with it"
+            )
+        result = _with_progress(lambda update: resume_training(resume, progress=update))
+        _print_result(result)
+        return
     r, source, imported = _load(recipe, ed2, overrides)
     _print_import_notes(imported)
     if output is None:
         stem = (recipe or ed2).stem
         output = Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    result = _with_progress(lambda update: run_training(r, output, progress=update, source=source))
+    _print_result(result)
+
+
+def _with_progress(run):
+    """Call run(update) under a progress bar that shows step, epoch and the latest losses."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
     columns = (
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -105,11 +125,16 @@ def train(
             status = "  ".join(s for s in (f"ep {p.epoch}", shown["loss"], shown["val"]) if s)
             bar.update(task, total=p.total_steps, completed=p.step, status=status)
 
-        result = run_training(r, output, progress=update, source=source)
+        return run(update)
+
+
+def _print_result(result) -> None:
     table = Table(title=f"run {result.run_dir}", title_justify="left", show_header=False)
     table.add_column("what", style="dim")
     table.add_column("value")
     table.add_row("steps", f"{result.steps} of {result.total_steps} ({result.epochs} epochs started)")
+    if result.resumed_from is not None:
+        table.add_row("resumed", f"from step {result.resumed_from}")
     table.add_row("time", f"{result.seconds:.1f} s, {result.steps_per_second:.2f} optimizer steps/s")
     if result.last_loss is not None:
         table.add_row("last loss/train", f"{result.last_loss:.5f}")
@@ -121,6 +146,9 @@ def train(
     out.print(table)
     if result.stopped == "nan":
         raise WorkbenchError(result.message)
+    if result.stopped == "interrupted":
+        err.print(f"[yellow]{result.message}[/]", highlight=False, soft_wrap=True)
+        raise typer.Exit(130)  # the shell's code for "stopped by Ctrl-C"
     if result.stopped:
         out.print(f"[yellow]{result.message}[/]")
 

@@ -207,22 +207,34 @@ def _shuffle_tags(caption: str, rng: np.random.Generator) -> str:
 
 
 class EpochSampler(torch.utils.data.Sampler):
-    """A fresh permutation each epoch, a pure function of (seed, epoch)."""
+    """A fresh permutation each epoch, a pure function of (seed, epoch).
+
+    `resume_at(epoch, n)` drops the first n indices of that epoch's order, so a resumed run
+    continues where the interrupted one was. (accelerate's loader calls set_epoch again at every
+    iter(), so the skip is tied to its epoch rather than reset there.)"""
 
     def __init__(self, n: int, seed: int):
         self.n = n
         self.seed = seed
         self.epoch = 0
+        self._skip = (-1, 0)  # (epoch, indices to drop)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def resume_at(self, epoch: int, skip: int) -> None:
+        self._skip = (epoch, skip)
+
+    def _skipped(self) -> int:
+        epoch, skip = self._skip
+        return min(skip, self.n) if epoch == self.epoch else 0
+
     def __len__(self) -> int:
-        return self.n
+        return self.n - self._skipped()
 
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return iter(torch.randperm(self.n, generator=g).tolist())
+        return iter(torch.randperm(self.n, generator=g).tolist()[self._skipped() :])
 
 
 def collate(items: list[dict]) -> dict:

@@ -23,6 +23,9 @@ import dataclasses
 import json
 import math
 import os
+import shutil
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -45,6 +48,7 @@ from workbench.train.data import (
 from workbench.train.diffusion import Models, encode_latents, epsilon_loss, noise_scheduler_for, tokenize
 from workbench.train.optimizers import adapted_lr, build_optimizer, freeze_text_encoder, trainable
 from workbench.train.recipe import TOY_MODEL, Recipe
+from workbench.train.resume import RunProgress, load_state, save_state, state_dir
 from workbench.train.runs import MetricsLog, device_info, package_versions, write_loss_plot, write_run_record
 from workbench.train.schedules import build_scheduler, current_lr
 from workbench.train.validation import validation_loss
@@ -81,10 +85,12 @@ class TrainResult:
     checkpoints: list[Path]
     val_losses: list[tuple[int, float]]
     last_loss: float | None
-    stopped: str | None  # None when the run finished; "nan", "early_stop" or "stop_when" otherwise
+    stopped: str | None  # None when the run finished; "nan", "early_stop", "stop_when", "interrupted"
     message: str
     seconds: float
     train_seconds: float  # time inside optimizer steps only (no evaluation, saving, sampling)
+    resumed_from: int | None = None  # the step a `--resume` continued from
+    state: Path | None = None  # RUNDIR/state/ when the run stopped resumable (Ctrl-C)
     steps_per_second: float = field(init=False)
 
     def __post_init__(self) -> None:
@@ -100,8 +106,17 @@ def train(
     checkpoints: bool = True,
     lr_factor: Callable[[int], float] | None = None,
     stop_when: Callable[[Progress], str | None] | None = None,
+    resume: bool = False,
 ) -> TrainResult:
     """Run `recipe` into the new folder `run_dir`. `source` (recipe path, overrides) goes to run.json.
+
+    `resume=True` continues the run in `run_dir` from its saved state (RUNDIR/state/, see resume.py)
+    with the recipe run.json recorded (`resume_training` reads it): the same weights, optimizer and
+    scheduler state, random generators and position in the data, so the run ends as it would have.
+
+    Ctrl-C (SIGINT) during a run that saves checkpoints finishes the current optimizer step, saves a
+    checkpoint and the resumable state, and returns with `stopped="interrupted"`; a second Ctrl-C
+    stops at once.
 
     Hooks for runs that are not fine-tunes (`wb lr-find` uses all three): `checkpoints=False` saves
     none (and makes no checkpoints/ folder); `lr_factor(i)` replaces the recipe's schedule (optimizer
@@ -113,13 +128,16 @@ def train(
 
     started = time.time()
     tr = recipe.training
-    run_dir = _new_run_dir(Path(run_dir), checkpoints)
+    run_dir = Path(run_dir) if resume else _new_run_dir(Path(run_dir), checkpoints)
     accelerator = _accelerator(Accelerator, recipe)
     device, main = accelerator.device, accelerator.is_main_process
     set_seed(tr.seed)
+    saved = load_state(run_dir, accelerator.num_processes) if resume else None
+    if resume:
+        _check_base_unchanged(run_dir)
 
     # --- the model ------------------------------------------------------------------------------
-    base_path, models, spec, base_metadata = _load_model(recipe, run_dir, device)
+    base_path, models, spec, base_metadata = _load_model(recipe, run_dir, device, resume)
     _check_resolution(recipe.data.resolution, spec.configs)
 
     # --- the data: a fixed validation split, written beside the run -----------------------------
@@ -137,10 +155,11 @@ def train(
     train_set = CaptionedImages(train_examples, recipe.data, seed=tr.seed, augment=True)
     val_set = CaptionedImages(val_examples, recipe.data, augment=False)
     stable_set = CaptionedImages(stable_examples, recipe.data, augment=False)
+    sampler = EpochSampler(len(train_set), tr.seed)
     loader = torch.utils.data.DataLoader(
         train_set,
         batch_size=tr.batch_size,
-        sampler=EpochSampler(len(train_set), tr.seed),
+        sampler=sampler,
         collate_fn=collate,
         num_workers=recipe.data.workers,
     )
@@ -149,6 +168,8 @@ def train(
     params = _set_trainable(models, recipe)
     settings = {c: recipe.optimizer.settings(c) for c in params}
     optimizers = {c: build_optimizer(settings[c], params[c]) for c in params}
+    if saved is not None:  # the fp32 weights the interrupted run had
+        _load_weights(models, saved.weights(), params)
     if tr.gradient_checkpointing:
         models.unet.enable_gradient_checkpointing()
         if "text_encoder" in params:
@@ -170,30 +191,57 @@ def train(
     }
     step_model = dataclasses.replace(models, **trained)  # what the step calls: wrapped where trained
 
-    if main:
+    if main and saved is None:
         record = _record(recipe, source, base_path, spec, settings, optimizers, params, models, accelerator)
         record["data"] = {"root": recipe.data.root, **fingerprint(examples), "train": len(train_examples),
                           "validation": len(val_examples), "stabilize_train": len(stable_examples),
                           "steps_per_epoch": steps_per_epoch, "total_steps": total_steps}  # fmt: skip
         write_run_record(run_dir, record)
-    log = MetricsLog(run_dir, recipe.logging.tensorboard) if main else None
+    elif main:
+        _record_resume(run_dir, saved.progress.step, fingerprint(examples), accelerator)
+    resumed_at = saved.progress.step if saved is not None else None
+    log = MetricsLog(run_dir, recipe.logging.tensorboard, after_step=resumed_at) if main else None
     state = _RunState(recipe, run_dir, models, spec, base_metadata, accelerator, log, progress, total_steps)
     state.val_set, state.stable_set = val_set, stable_set  # what `evaluate` measures
     state.checkpointing, state.stop_when = checkpoints, stop_when
+    state.optimizers, state.schedulers, state.trained_components = optimizers, schedulers, tuple(params)
 
     # --- the loop ---------------------------------------------------------------------------------
     # Training noise, timesteps and latent samples come from this generator alone (validation has
     # its own), offset per process so that GPUs do not draw identical noise.
     generator = torch.Generator().manual_seed(tr.seed + 1_000_003 * accelerator.process_index)
+    state.generator = generator
     n_epochs = tr.max_epochs or math.ceil(total_steps / steps_per_epoch)
-    step, epoch, micro_losses, train_time = 0, 0, [], 0.0
-    try:  # Ctrl-C: the checkpoints on disk are complete files; the log says where it stopped
-        if val.enabled and val.at_start:
+    step, first_epoch, skip, micro_losses, train_time = 0, 0, 0, [], 0.0
+    if saved is not None:
+        # Optimizers after their schedulers: a LambdaLR sets the groups' lr to its step-0 value when
+        # built; the saved param groups hold the lr the next step uses (and D-Adaptation's d).
+        for c, optimizer in optimizers.items():
+            saved.load_optimizer(c, optimizer)
+        for c, scheduler in schedulers.items():
+            saved.load_scheduler(c, scheduler)
+        saved.restore_rng(accelerator.process_index, generator)
+        saved.restore_scaler(accelerator)
+        state.restore(saved.progress)
+        step, first_epoch, skip = saved.progress.step, saved.progress.epoch, saved.progress.batches_seen
+        train_time = saved.progress.train_seconds
+        if log is not None:
+            log.event(step, "resumed", message=f"resumed at step {step} ({saved.progress.reason} state)")
+    epoch = first_epoch
+    interrupt = _CtrlC(accelerator) if checkpoints else None
+    try:
+        if val.enabled and val.at_start and saved is None:
             state.evaluate(step, epoch)
-        for epoch in range(n_epochs):
+        for epoch in range(first_epoch, n_epochs):
             train_set.set_epoch(epoch)
             loader.set_epoch(epoch)
+            if epoch == first_epoch and skip:
+                # Resuming mid-epoch: the sampler drops what this epoch's order already gave, on
+                # every process (each took batches_seen batches of batch_size).
+                sampler.resume_at(epoch, skip * tr.batch_size * accelerator.num_processes)
+            state.position = (epoch, skip if epoch == first_epoch else 0)
             for batch in loader:
+                state.position = (epoch, state.position[1] + 1)
                 t0 = time.perf_counter()
                 with accelerator.accumulate(*trained.values()):
                     with accelerator.autocast():  # bf16/fp16 on GPUs (a no-op in fp32); not the backward
@@ -217,27 +265,36 @@ def train(
                 for scheduler in schedulers.values():
                     scheduler.step()
                 step += 1
+                state.train_seconds = train_time
                 state.after_step(step, epoch, sum(micro_losses) / len(micro_losses), used_lr, optimizers)
                 micro_losses = []
+                if interrupt is not None and interrupt.requested() and step < total_steps:
+                    state.interrupt(step, epoch)
                 if state.stopped or step >= total_steps:
                     break
             if state.stopped:
                 break
+            state.position = (epoch + 1, 0)  # every batch of this epoch is seen
             state.after_epoch(step, epoch, finished=step >= total_steps)
             if state.stopped or step >= total_steps:
                 break
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # a second Ctrl-C, or one where no state is saved: stop at once
         if log is not None:
             log.event(step, "interrupted", message=f"interrupted at step {step}")
             log.close()
         raise
+    finally:
+        if interrupt is not None:
+            interrupt.close()
 
-    # --- the end: a final checkpoint unless the run diverged --------------------------------------
-    if state.stopped != "nan":
+    # --- the end: a final checkpoint unless the run diverged or was interrupted --------------------
+    if state.stopped not in ("nan", "interrupted"):
         if val.enabled and state.last_eval_step != step:
             state.evaluate(step, epoch)
-        state.save(step, epoch)
+        state.save(step, epoch, final=True)
         state.sample(step, epoch, final=True)
+        if main:  # a finished run has nothing to resume; the state is the size of the model x 3
+            shutil.rmtree(state_dir(run_dir), ignore_errors=True)
     seconds = time.time() - started
     message = state.message or f"finished {step} steps in {seconds:.0f} s"
     if log is not None:
@@ -264,7 +321,54 @@ def train(
         message=message,
         seconds=seconds,
         train_seconds=train_time,
+        resumed_from=saved.progress.step if saved is not None else None,
+        state=state.state_path if state.stopped == "interrupted" else None,
     )
+
+
+class _CtrlC:
+    """The first Ctrl-C asks the loop to stop after the current optimizer step (and save what a
+    resume needs); a second one raises KeyboardInterrupt at once. Only the main thread can catch
+    signals; elsewhere (a notebook's worker thread) Ctrl-C keeps its usual meaning."""
+
+    def __init__(self, accelerator):
+        self.accelerator = accelerator
+        self.flag = False
+        self.previous = None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.flag:
+            raise KeyboardInterrupt
+        self.flag = True
+
+    def requested(self) -> bool:
+        """Whether any process got Ctrl-C (all must stop at the same step)."""
+        if self.accelerator.num_processes == 1:
+            return self.flag
+        flag = torch.tensor([float(self.flag)], device=self.accelerator.device)
+        return self.accelerator.reduce(flag, "sum").item() > 0
+
+    def close(self) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+            self.previous = None
+
+
+def resume_training(
+    run_dir: str | os.PathLike, progress: Callable[[Progress], None] | None = None
+) -> TrainResult:
+    """Continue the run in `run_dir` from its saved state, with the recipe its run.json records."""
+    from workbench.train.recipe import parse_recipe
+    from workbench.train.runs import read_run
+
+    run_dir = Path(run_dir)
+    record = read_run(run_dir)
+    if "recipe" not in record:
+        raise WorkbenchError(f"{run_dir / 'run.json'}: no recipe recorded (not a wb train run)")
+    recipe = parse_recipe(record["recipe"], str(run_dir / "run.json"))
+    return train(recipe, run_dir, progress, resume=True)
 
 
 def _batch_loss(
@@ -355,13 +459,15 @@ def _accelerator(accelerator_cls, recipe: Recipe):
         raise WorkbenchError(f"training.mixed_precision: {precision}: {e}") from None
 
 
-def _load_model(recipe: Recipe, run_dir: Path, device):
+def _load_model(recipe: Recipe, run_dir: Path, device, resume: bool = False):
     from workbench.checkpoint.reader import open_checkpoint
     from workbench.pipeline import load_modules, model_spec
     from workbench.tokenizer import clip_tokenizer
 
-    if recipe.model.base == TOY_MODEL:
-        # No pretrained toy base exists: a fresh one is written into the run, so the run is complete.
+    if recipe.model.base == TOY_MODEL and resume:
+        base_path = run_dir / "base.safetensors"
+    elif recipe.model.base == TOY_MODEL:
+        # A fresh random toy model, written into the run, so the run is complete.
         from workbench.toy.model import toy_init
 
         base_path = toy_init(run_dir / "base.safetensors", seed=recipe.model.init_seed)
@@ -387,6 +493,56 @@ def _load_model(recipe: Recipe, run_dir: Path, device):
         scaling_factor=float(spec.configs["vae"].get("scaling_factor", 0.18215)),
     )
     return base_path, models, spec, metadata
+
+
+def _load_weights(models: Models, weights: dict[str, torch.Tensor], params: dict) -> None:
+    """Put a saved state's fp32 weights into the trained components (all of each, strictly)."""
+    for component in params:
+        prefix = component + "."
+        sub = {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
+        module = getattr(models, component)
+        missing, unexpected = module.load_state_dict(sub, strict=False)
+        if missing or unexpected:
+            raise WorkbenchError(
+                f"state/weights.safetensors: does not fit the {component} "
+                f"({len(missing)} missing, {len(unexpected)} unexpected keys)"
+            )
+
+
+def _check_base_unchanged(run_dir: Path) -> None:
+    from workbench.train.runs import read_run
+
+    base = read_run(run_dir).get("base", {})
+    path = Path(base.get("path", ""))
+    if base.get("sha256") and path.is_file() and _sha256_file(path) != base["sha256"]:
+        raise WorkbenchError(f"{path}: the base checkpoint changed since the run started (sha256 differs)")
+
+
+def _record_resume(run_dir: Path, step: int, data: dict, accelerator) -> None:
+    """Check that the data is what the run started with; note the resume in run.json."""
+    from workbench.train.runs import read_run
+
+    record = read_run(run_dir)
+    started_with = record.get("data", {}).get("sha256")
+    if started_with and data.get("sha256") != started_with:
+        raise WorkbenchError(
+            f"{record['data'].get('root')}: the training data changed since the run started "
+            "(its fingerprint differs); a resumed run would not be the same run"
+        )
+    versions = package_versions()
+    changed = {k: [record.get("versions", {}).get(k), v] for k, v in versions.items()
+               if record.get("versions", {}).get(k) != v}  # fmt: skip
+    record.setdefault("resumes", []).append(
+        {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "from_step": step,
+            "versions_changed": changed,
+            "device": device_info(accelerator.device),
+        }
+    )
+    tmp = run_dir / "run.json.partial"
+    tmp.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, run_dir / "run.json")
 
 
 def _check_resolution(resolution: int, configs: dict) -> None:
@@ -469,6 +625,20 @@ class _RunState:
         self.val_set = self.stable_set = None
         self.checkpointing = True
         self.stop_when: Callable[[Progress], str | None] | None = None
+        # what a resumable state holds, set by the loop
+        self.optimizers: dict = {}
+        self.schedulers: dict = {}
+        self.trained_components: tuple[str, ...] = ()
+        self.generator: torch.Generator | None = None
+        self.position = (0, 0)  # (epoch, micro-batches of it seen)
+        self.train_seconds = 0.0
+        self.state_path: Path | None = None
+
+    def restore(self, saved: RunProgress) -> None:
+        self.last_loss, self.val_losses = saved.last_loss, list(saved.val_losses)
+        self.checkpoints = [Path(p) for p in saved.checkpoints]
+        self.last_eval_step, self.last_saved_step = saved.last_eval_step, saved.last_saved_step
+        self.last_sample_step = saved.last_sample_step
 
     def _report(self, step: int, epoch: int, **kw) -> None:
         p = Progress(step=step, total_steps=self.total_steps, epoch=epoch + 1, **kw)
@@ -507,6 +677,7 @@ class _RunState:
             r.validation.enabled
             and r.validation.every_n_epochs
             and (epoch + 1) % r.validation.every_n_epochs == 0
+            and self.last_eval_step != step  # already measured at this step (every_n_steps)
         ):
             self.evaluate(step, epoch)
         if r.saving.every_n_epochs and (epoch + 1) % r.saving.every_n_epochs == 0:
@@ -544,24 +715,73 @@ class _RunState:
             f"that step; {kept}"
         )
 
-    def save(self, step: int, epoch: int) -> Path | None:
+    def save(self, step: int, epoch: int, final: bool = False) -> Path | None:
+        """A checkpoint (and, with saving.state "checkpoints", the resumable state) at `step`."""
         if not self.checkpointing or self.last_saved_step == step:
             return None
         self.last_saved_step, self.last_save_time = step, time.time()
         self.accelerator.wait_for_everyone()
-        if not self.accelerator.is_main_process:
-            return None
-        path = self.run_dir / "checkpoints" / f"{self.name}-ep{epoch + 1:02d}-gs{step:05d}.safetensors"
-        save_checkpoint(path, self.models, self.spec, self._metadata(step, epoch), self.recipe.saving.dtype)
-        self.checkpoints.append(path)
-        self.log.event(step, "checkpoint", path=str(path))
-        keep = self.recipe.saving.keep_last
-        while keep and len(self.checkpoints) > keep:
-            old = self.checkpoints.pop(0)
-            old.unlink(missing_ok=True)
-            self.log.event(step, "checkpoint_removed", path=str(old))
-        self._report(step, epoch, note=f"saved {path.name}")
+        path = None
+        if self.accelerator.is_main_process:
+            path = self.run_dir / "checkpoints" / f"{self.name}-ep{epoch + 1:02d}-gs{step:05d}.safetensors"
+            metadata = self._metadata(step, epoch)
+            save_checkpoint(path, self.models, self.spec, metadata, self.recipe.saving.dtype)
+            self.checkpoints.append(path)
+            self.log.event(step, "checkpoint", path=str(path))
+            keep = self.recipe.saving.keep_last
+            while keep and len(self.checkpoints) > keep:
+                old = self.checkpoints.pop(0)
+                old.unlink(missing_ok=True)
+                self.log.event(step, "checkpoint_removed", path=str(old))
+            self._report(step, epoch, note=f"saved {path.name}")
+        if not final and self.recipe.saving.state == "checkpoints":
+            self.save_state(step, "checkpoint")
         return path
+
+    def save_state(self, step: int, reason: str) -> Path:
+        epoch, seen = self.position
+        saved = RunProgress(
+            step=step,
+            epoch=epoch,
+            batches_seen=seen,
+            train_seconds=round(self.train_seconds, 3),
+            last_loss=self.last_loss,
+            val_losses=list(self.val_losses),
+            checkpoints=[str(p) for p in self.checkpoints],
+            last_eval_step=self.last_eval_step,
+            last_saved_step=self.last_saved_step,
+            last_sample_step=self.last_sample_step,
+            reason=reason,
+        )
+        weights = {
+            f"{c}.{k}": v
+            for c in self.trained_components
+            for k, v in getattr(self.models, c).state_dict().items()
+        }
+        assert self.generator is not None
+        self.state_path = save_state(
+            self.run_dir, saved, weights, self.optimizers, self.schedulers, self.generator, self.accelerator
+        )
+        if self.log is not None:
+            self.log.event(step, "state", path=str(self.state_path), reason=reason)
+        return self.state_path
+
+    def interrupt(self, step: int, epoch: int) -> None:
+        """Ctrl-C between two optimizer steps: a checkpoint, the resumable state, then stop."""
+        self.stopped = "interrupted"
+        self._report(step, epoch, note="Ctrl-C: saving a checkpoint and the resumable state")
+        state = self.recipe.saving.state
+        self.save(step, epoch, final=True)  # the weights as they are, for the grid
+        if state != "never":
+            self.save_state(step, "interrupt")
+            self.message = (
+                f"interrupted at step {step} of {self.total_steps}; continue with: "
+                f"wb train --resume {self.run_dir}"
+            )
+        else:
+            self.message = (
+                f"interrupted at step {step} of {self.total_steps} (saving.state: never: not resumable)"
+            )
 
     def _metadata(self, step: int, epoch: int) -> dict[str, str]:
         meta = {k: v for k, v in self.base_metadata.items() if k in KEPT_METADATA}

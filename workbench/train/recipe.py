@@ -261,6 +261,11 @@ class SavingSection(Section):
     every_n_minutes: float | None = Field(None, gt=0)
     keep_last: int | None = Field(None, ge=1)
     dtype: Literal["fp16", "bf16", "fp32"] = "fp16"
+    state: Literal["checkpoints", "interrupt", "never"] = Field(
+        "checkpoints",
+        description="when RUNDIR/state/ (what --resume needs) is written: with every checkpoint and on "
+        "Ctrl-C, on Ctrl-C only, or never; only the latest is kept, and it is removed when the run ends",
+    )
 
     @field_validator("name")
     @classmethod

@@ -181,14 +181,23 @@ def _group(key: str) -> int:
 class MetricsLog:
     """Appends to metrics.jsonl (flushed per line, so a crash loses nothing) and to TensorBoard."""
 
-    def __init__(self, run_dir: Path, tensorboard: bool = True):
+    def __init__(self, run_dir: Path, tensorboard: bool = True, after_step: int | None = None):
+        """`after_step`: a resumed run continues from that step, so what an interrupted process
+        logged after it (up to a crash) is dropped: from metrics.jsonl here, from TensorBoard by
+        its purge_step."""
         self.path = run_dir / "metrics.jsonl"
+        if after_step is not None and self.path.is_file():
+            kept = [r for r in read_metrics(run_dir) if r.get("step", 0) <= after_step]
+            tmp = self.path.with_suffix(".jsonl.partial")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+            os.replace(tmp, self.path)
         self._file = open(self.path, "a", encoding="utf-8")
         self._tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(str(run_dir / "tensorboard"))
+            purge = after_step + 1 if after_step is not None else None
+            self._tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=purge)
 
     def scalars(self, step: int, epoch: int, values: dict[str, float | None]) -> None:
         values = {k: v for k, v in values.items() if v is not None}
