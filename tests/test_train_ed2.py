@@ -267,3 +267,17 @@ def test_wb_train_ed2_on_a_folder_of_images(tmp_path, monkeypatch):
     assert record["source"]["ed2"] == "train.json" and record["data"]["examples"] == 6
     assert record["recipe"]["validation"]["enabled"] is False
     assert list((tmp_path / "run" / "checkpoints").glob("*-ep01-gs00003.safetensors"))
+
+
+def test_ema_settings_import(tmp_path):
+    train_json = write_seed_003(tmp_path / "ed2")
+    cfg = json.loads(train_json.read_text())
+    cfg.update(ema_strength_target=0.1, ema_update_interval=50, ema_device="cpu", ema_sample_ema_model=True)
+    train_json.write_text(json.dumps(cfg))
+    result = import_ed2(train_json)
+    r = parse_recipe(result.recipe, "imported")
+    tr = r.training
+    assert (tr.ema_strength_target, tr.ema_every_n_steps, tr.ema_device) == (0.1, 50, "cpu")
+    assert tr.ema_decay is None
+    assert any(i.startswith("train.json:ema_sample_ema_model=true") for i in result.ignored)
+    assert not any("ema" in u for u in result.unsupported)

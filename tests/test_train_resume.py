@@ -192,3 +192,16 @@ def test_resume_refuses_changed_data(base, tmp_path):
     (run / "run.json").write_text(json.dumps(record))
     with pytest.raises(WorkbenchError, match="toy:shapes: the training data changed since the run started"):
         loop.resume_training(run)
+
+
+def test_resume_continues_the_ema(base, tmp_path):
+    ema = {"ema_decay": 0.8, "ema_every_n_steps": 2}
+    straight = loop.train(make_recipe(base, **ema), tmp_path / "straight")
+    run = tmp_path / "run"
+    loop.train(make_recipe(base, **ema), run, progress=ctrl_c_at(3))
+    assert load_state(run, processes=1).progress.ema_updates == 1  # after step 2; step 3 made none
+    resumed = loop.resume_training(run)
+    a, b = weights(straight.ema_checkpoints[-1]), weights(resumed.ema_checkpoints[-1])
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [p.name for p in resumed.ema_checkpoints][-1] == "run-ep03-gs00007-ema.safetensors"
+    assert losses(run) == losses(straight.run_dir)  # loss/val_ema included

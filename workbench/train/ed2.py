@@ -221,6 +221,20 @@ def _import_train(cfg: dict, train_json: Path, result: Ed2Import, where: str) ->
                 result.put(where, key, "saving.dtype", "fp32")
             else:
                 result.skip(where, key, value, "fp16 is the default")
+        elif key in ("ema_decay_rate", "ema_strength_target") and value is not None:
+            field = "ema_decay" if key == "ema_decay_rate" else "ema_strength_target"
+            result.put(where, key, f"training.{field}", value)
+        elif key == "ema_update_interval" and (cfg.get("ema_decay_rate") or cfg.get("ema_strength_target")):
+            result.put(where, key, "training.ema_every_n_steps", value)
+            if (cfg.get("grad_accum") or 1) > 1:
+                result.notes.append(
+                    "ema_update_interval: EveryDream2 counts batches, wb counts optimizer steps "
+                    "(batches / grad_accum)"
+                )
+        elif key == "ema_device" and (cfg.get("ema_decay_rate") or cfg.get("ema_strength_target")):
+            result.put(where, key, "training.ema_device", "cpu" if str(value) == "cpu" else "auto")
+        elif key in ("ema_sample_nonema_model", "ema_sample_ema_model"):
+            result.skip(where, key, value, "samples use the training weights; the -ema checkpoints are saved")
         elif key == "sample_prompts":
             _import_prompts(value, train_json, result, where)
         elif key == "sample_steps":

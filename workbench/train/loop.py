@@ -46,6 +46,7 @@ from workbench.train.data import (
     write_split,
 )
 from workbench.train.diffusion import Models, encode_latents, epsilon_loss, noise_scheduler_for, tokenize
+from workbench.train.ema import EMA, ema_load, ema_start, ema_state, ema_update, ema_weights
 from workbench.train.optimizers import adapted_lr, build_optimizer, freeze_text_encoder, trainable
 from workbench.train.recipe import TOY_MODEL, Recipe
 from workbench.train.resume import RunProgress, load_state, save_state, state_dir
@@ -90,6 +91,7 @@ class TrainResult:
     seconds: float
     train_seconds: float  # time inside optimizer steps only (no evaluation, saving, sampling)
     resumed_from: int | None = None  # the step a `--resume` continued from
+    ema_checkpoints: list[Path] = field(default_factory=list)  # with training.ema_decay
     state: Path | None = None  # RUNDIR/state/ when the run stopped resumable (Ctrl-C)
     steps_per_second: float = field(init=False)
 
@@ -168,8 +170,9 @@ def train(
     params = _set_trainable(models, recipe)
     settings = {c: recipe.optimizer.settings(c) for c in params}
     optimizers = {c: build_optimizer(settings[c], params[c]) for c in params}
-    if saved is not None:  # the fp32 weights the interrupted run had
-        _load_weights(models, saved.weights(), params)
+    state_weights = saved.weights() if saved is not None else {}  # the interrupted run's fp32 weights
+    if saved is not None:
+        _load_weights(models, state_weights, params)
     if tr.gradient_checkpointing:
         models.unet.enable_gradient_checkpointing()
         if "text_encoder" in params:
@@ -190,6 +193,14 @@ def train(
         for c, o in optimizers.items()
     }
     step_model = dataclasses.replace(models, **trained)  # what the step calls: wrapped where trained
+    ema = None
+    if tr.ema_decay is not None or tr.ema_strength_target is not None:
+        # EveryDream2's strength target: what is left of the starting weights' share at the end
+        decay = tr.ema_decay or tr.ema_strength_target ** (tr.ema_every_n_steps / max(1, total_steps))
+        ema = ema_start(params, decay, tr.ema_every_n_steps, "cpu" if tr.ema_device == "cpu" else None)
+        if saved is not None:
+            ema_load(ema, _param_names(models, params), state_weights, saved.progress.ema_updates)
+    del state_weights
 
     if main and saved is None:
         record = _record(recipe, source, base_path, spec, settings, optimizers, params, models, accelerator)
@@ -205,6 +216,7 @@ def train(
     state.val_set, state.stable_set = val_set, stable_set  # what `evaluate` measures
     state.checkpointing, state.stop_when = checkpoints, stop_when
     state.optimizers, state.schedulers, state.trained_components = optimizers, schedulers, tuple(params)
+    state.ema, state.param_names = ema, _param_names(models, params)
 
     # --- the loop ---------------------------------------------------------------------------------
     # Training noise, timesteps and latent samples come from this generator alone (validation has
@@ -265,6 +277,8 @@ def train(
                 for scheduler in schedulers.values():
                     scheduler.step()
                 step += 1
+                if ema is not None:
+                    ema_update(ema, step)
                 state.train_seconds = train_time
                 state.after_step(step, epoch, sum(micro_losses) / len(micro_losses), used_lr, optimizers)
                 micro_losses = []
@@ -315,6 +329,7 @@ def train(
         total_steps=total_steps,
         epochs=epoch + 1,
         checkpoints=list(state.checkpoints),
+        ema_checkpoints=list(state.ema_checkpoints),
         val_losses=list(state.val_losses),
         last_loss=state.last_loss,
         stopped=state.stopped,
@@ -545,6 +560,13 @@ def _record_resume(run_dir: Path, step: int, data: dict, accelerator) -> None:
     os.replace(tmp, run_dir / "run.json")
 
 
+def _param_names(models: Models, params: dict) -> dict[str, list[str]]:
+    """The names of each component's trained parameters, in the order of `params`."""
+    return {
+        c: [n for n, p in getattr(models, c).named_parameters() if p.requires_grad] for c in params
+    }
+
+
 def _check_resolution(resolution: int, configs: dict) -> None:
     vae = 2 ** (len(configs["vae"].get("block_out_channels", [0] * 4)) - 1)
     unet = 2 ** (len(configs["unet"].get("block_out_channels", [0] * 4)) - 1)
@@ -614,6 +636,9 @@ class _RunState:
         self.progress, self.total_steps = progress, total_steps
         self.name = recipe.saving.name or run_dir.resolve().name
         self.checkpoints: list[Path] = []
+        self.ema_checkpoints: list[Path] = []
+        self.ema: EMA | None = None
+        self.param_names: dict[str, list[str]] = {}
         self.val_losses: list[tuple[int, float]] = []
         self.last_loss: float | None = None
         self.last_eval_step: int | None = None
@@ -637,6 +662,7 @@ class _RunState:
     def restore(self, saved: RunProgress) -> None:
         self.last_loss, self.val_losses = saved.last_loss, list(saved.val_losses)
         self.checkpoints = [Path(p) for p in saved.checkpoints]
+        self.ema_checkpoints = [Path(p) for p in saved.ema_checkpoints]
         self.last_eval_step, self.last_saved_step = saved.last_eval_step, saved.last_saved_step
         self.last_sample_step = saved.last_sample_step
 
@@ -689,16 +715,21 @@ class _RunState:
         v = self.recipe.validation
         batch = v.batch_size or self.recipe.training.batch_size
         device, autocast = self.accelerator.device, self.accelerator.autocast
-        val = validation_loss(self.models, self.val_set, v.timesteps, v.seed, batch, device, autocast)
-        stable = None
-        if len(self.stable_set):
-            stable = validation_loss(
-                self.models, self.stable_set, v.timesteps, v.seed, batch, device, autocast
-            )
+
+        def measure(dataset) -> float:
+            return validation_loss(self.models, dataset, v.timesteps, v.seed, batch, device, autocast)
+
+        val = measure(self.val_set)
+        stable = measure(self.stable_set) if len(self.stable_set) else None
+        ema_val = None
+        if self.ema is not None:  # is the average better than the weights it averages?
+            with ema_weights(self.ema):
+                ema_val = measure(self.val_set)
         self.val_losses.append((step, val))
         self.last_eval_step = step
         if self.log is not None:
-            self.log.scalars(step, epoch + 1, {"loss/val": val, "loss/train_stable": stable})
+            values = {"loss/val": val, "loss/train_stable": stable, "loss/val_ema": ema_val}
+            self.log.scalars(step, epoch + 1, values)
         self._report(step, epoch, val_loss=val)
         k = v.early_stop_after
         recent = [loss for _, loss in self.val_losses[-(k + 1) :]] if k else []
@@ -708,7 +739,8 @@ class _RunState:
 
     def stop_on_bad_loss(self, value: float, step: int, epoch: int) -> None:
         self.stopped = "nan"
-        good = self.checkpoints[-1] if self.checkpoints else None
+        kept = self.checkpoints or self.ema_checkpoints
+        good = kept[-1] if kept else None
         kept = f"the last good checkpoint is {good}" if good else "no checkpoint had been saved yet"
         self.message = (
             f"loss is {value} at step {step} (epoch {epoch + 1}): the run stopped without applying "
@@ -723,19 +755,32 @@ class _RunState:
         self.accelerator.wait_for_everyone()
         path = None
         if self.accelerator.is_main_process:
-            path = self.run_dir / "checkpoints" / f"{self.name}-ep{epoch + 1:02d}-gs{step:05d}.safetensors"
-            metadata = self._metadata(step, epoch)
-            save_checkpoint(path, self.models, self.spec, metadata, self.recipe.saving.dtype)
-            self.checkpoints.append(path)
-            self.log.event(step, "checkpoint", path=str(path))
-            keep = self.recipe.saving.keep_last
-            while keep and len(self.checkpoints) > keep:
-                old = self.checkpoints.pop(0)
-                old.unlink(missing_ok=True)
-                self.log.event(step, "checkpoint_removed", path=str(old))
-            self._report(step, epoch, note=f"saved {path.name}")
+            stem = f"{self.name}-ep{epoch + 1:02d}-gs{step:05d}"
+            which = self.recipe.saving.ema if self.ema is not None else "model"
+            if which in ("both", "model"):
+                path = self._write_checkpoint(stem, self.checkpoints, step, epoch)
+            if self.ema is not None and which in ("both", "ema"):
+                with ema_weights(self.ema):
+                    ema_path = self._write_checkpoint(stem + "-ema", self.ema_checkpoints, step, epoch, True)
+                path = path or ema_path
         if not final and self.recipe.saving.state == "checkpoints":
             self.save_state(step, "checkpoint")
+        return path
+
+    def _write_checkpoint(self, stem: str, kept: list[Path], step: int, epoch: int, ema=False) -> Path:
+        """One single-file checkpoint of the weights the models hold now; keep_last applies per
+        kind (model, EMA)."""
+        path = self.run_dir / "checkpoints" / f"{stem}.safetensors"
+        metadata = self._metadata(step, epoch, ema)
+        save_checkpoint(path, self.models, self.spec, metadata, self.recipe.saving.dtype)
+        kept.append(path)
+        self.log.event(step, "checkpoint", path=str(path), **({"ema": True} if ema else {}))
+        keep = self.recipe.saving.keep_last
+        while keep and len(kept) > keep:
+            old = kept.pop(0)
+            old.unlink(missing_ok=True)
+            self.log.event(step, "checkpoint_removed", path=str(old))
+        self._report(step, epoch, note=f"saved {path.name}")
         return path
 
     def save_state(self, step: int, reason: str) -> Path:
@@ -748,6 +793,8 @@ class _RunState:
             last_loss=self.last_loss,
             val_losses=list(self.val_losses),
             checkpoints=[str(p) for p in self.checkpoints],
+            ema_checkpoints=[str(p) for p in self.ema_checkpoints],
+            ema_updates=self.ema.updates if self.ema is not None else 0,
             last_eval_step=self.last_eval_step,
             last_saved_step=self.last_saved_step,
             last_sample_step=self.last_sample_step,
@@ -758,6 +805,8 @@ class _RunState:
             for c in self.trained_components
             for k, v in getattr(self.models, c).state_dict().items()
         }
+        if self.ema is not None:
+            weights.update(ema_state(self.ema, self.param_names))
         assert self.generator is not None
         self.state_path = save_state(
             self.run_dir, saved, weights, self.optimizers, self.schedulers, self.generator, self.accelerator
@@ -783,7 +832,7 @@ class _RunState:
                 f"interrupted at step {step} of {self.total_steps} (saving.state: never: not resumable)"
             )
 
-    def _metadata(self, step: int, epoch: int) -> dict[str, str]:
+    def _metadata(self, step: int, epoch: int, ema: bool = False) -> dict[str, str]:
         meta = {k: v for k, v in self.base_metadata.items() if k in KEPT_METADATA}
         record = {
             "run": str(self.run_dir),
@@ -791,13 +840,16 @@ class _RunState:
             "global_step": step,
             "recipe_sha256": _sha256(json.dumps(self.recipe.to_dict(), sort_keys=True)),
         }
+        if ema:
+            assert self.ema is not None
+            record["ema"] = {"decay": self.ema.decay, "updates": self.ema.updates}
         meta.update(
             {
                 "format": "pt",
                 "wb.made_by": f"wb train ({self.run_dir.name}, epoch {epoch + 1}, step {step})",
                 "wb.version": __version__,
                 "wb.train": json.dumps(record, sort_keys=True),
-                "modelspec.title": f"{self.name} step {step}",
+                "modelspec.title": f"{self.name} step {step}" + (" (EMA)" if ema else ""),
             }
         )
         return meta

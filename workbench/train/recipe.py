@@ -244,11 +244,19 @@ class TrainingSection(Section):
     timestep_min: int = Field(0, ge=0, le=999)
     timestep_max: int = Field(999, ge=0, le=999)
     device: Literal["auto", "cpu"] = Field("auto", description="cpu forces the CPU even with a GPU")
+    ema_decay: float | None = Field(None, gt=0, lt=1, description="keep an EMA of the trained weights")
+    ema_strength_target: float | None = Field(
+        None, gt=0, lt=1, description="instead of ema_decay: target ** (ema_every_n_steps / total steps)"
+    )
+    ema_every_n_steps: int = Field(1, ge=1, description="optimizer steps between EMA updates")
+    ema_device: Literal["auto", "cpu"] = Field("auto", description="cpu keeps the EMA off the GPU")
 
     @model_validator(mode="after")
     def _length(self):
         if self.max_epochs is None and self.max_steps is None:
             raise ValueError("max_steps: set training.max_epochs or training.max_steps (or both)")
+        if self.ema_decay is not None and self.ema_strength_target is not None:
+            raise ValueError("ema_strength_target: set ema_decay or ema_strength_target, not both")
         if self.timestep_min > self.timestep_max:
             raise ValueError(f"timestep_min: {self.timestep_min} is above timestep_max {self.timestep_max}")
         return self
@@ -261,6 +269,9 @@ class SavingSection(Section):
     every_n_minutes: float | None = Field(None, gt=0)
     keep_last: int | None = Field(None, ge=1)
     dtype: Literal["fp16", "bf16", "fp32"] = "fp16"
+    ema: Literal["both", "ema", "model"] = Field(
+        "both", description="with training.ema_decay: save the EMA weights (-ema file), the model's, or both"
+    )
     state: Literal["checkpoints", "interrupt", "never"] = Field(
         "checkpoints",
         description="when RUNDIR/state/ (what --resume needs) is written: with every checkpoint and on "

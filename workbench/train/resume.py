@@ -5,7 +5,8 @@ weights that train, the optimizers' moments (and D-Adaptation's/Prodigy's d), th
 every random generator, and where in the epoch's shuffled order the run was. All of it lives in
 `RUNDIR/state/`, one folder, replaced as a whole:
 
-    weights.safetensors        the trained components in fp32 (diffusers key names, "unet." ...)
+    weights.safetensors        the trained components in fp32 (diffusers key names, "unet." ...),
+                               and their EMA ("ema.unet." ...) when the recipe keeps one
     optimizer-COMPONENT.pt     optimizer.state_dict(), loaded back with torch.load(weights_only=True)
     scheduler-COMPONENT.pt     scheduler.state_dict(), same
     rng-N.pt                   process N's training generator and torch's global CPU/CUDA generators
@@ -47,6 +48,8 @@ class RunProgress:
     last_eval_step: int | None = None
     last_saved_step: int | None = None
     last_sample_step: int | None = None
+    ema_checkpoints: list[str] = field(default_factory=list)
+    ema_updates: int = 0
     reason: str = "checkpoint"  # why it was saved: "checkpoint" or "interrupt"
 
 

@@ -222,7 +222,8 @@ class MetricsLog:
 
 
 def write_loss_plot(run_dir: str | os.PathLike) -> Path | None:
-    """loss.png: training loss (raw and smoothed), validation and stable-train loss against the step.
+    """loss.png: training loss (raw and smoothed), validation, stable-train and EMA validation loss
+    against the step.
 
     Written at the end of every run from metrics.jsonl, so it always shows what was logged."""
     from workbench.plot import Series, line_chart
@@ -230,7 +231,7 @@ def write_loss_plot(run_dir: str | os.PathLike) -> Path | None:
     run_dir = Path(run_dir)
     records = read_metrics(run_dir)
     curves = {}
-    for name in ("loss/train", "loss/val", "loss/train_stable"):
+    for name in ("loss/train", "loss/val", "loss/train_stable", "loss/val_ema"):
         points = [(r["step"], r[name]) for r in records if isinstance(r.get(name), (int, float))]
         if points:
             curves[name] = points
@@ -245,7 +246,7 @@ def write_loss_plot(run_dir: str | os.PathLike) -> Path | None:
             ema = value if ema is None else 0.9 * ema + 0.1 * value
             smooth.append(ema)
         series.append(Series(steps, smooth, "loss/train (EMA 0.9)"))
-    for name in ("loss/val", "loss/train_stable"):
+    for name in ("loss/val", "loss/train_stable", "loss/val_ema"):
         if name in curves:
             steps, losses = zip(*curves[name], strict=True)
             series.append(Series(steps, losses, name, points=True))
