@@ -281,3 +281,4 @@ def test_ema_settings_import(tmp_path):
     assert tr.ema_decay is None
     assert any(i.startswith("train.json:ema_sample_ema_model=true") for i in result.ignored)
     assert not any("ema" in u for u in result.unsupported)
+    assert r.data.aspect_buckets  # ED2 always trains in aspect-ratio buckets

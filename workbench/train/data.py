@@ -1,8 +1,9 @@
 """Training data: captioned images from a folder or the procedural toy set, split reproducibly.
 
 Captions follow EveryDream2 / kohya: a `.txt` sidecar beside the image, else `.caption`, else the
-file name up to the first `_` ("red circle_003.png" -> "red circle"). Images are resized so the
-shorter side is `resolution`, then center-cropped square. (Aspect-ratio buckets are a later slice.)
+file name up to the first `_` ("red circle_003.png" -> "red circle"). Images are turned upright
+by their EXIF orientation, resized so the shorter side is `resolution`, then center-cropped square;
+with `aspect_buckets` each is resized to cover its bucket instead (see buckets.py).
 
 The validation split is a pure function of (the sorted example keys, proportion, seed), so the same
 data and seed give the same split on any machine; it is written to `split.json` in the run folder.
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from workbench.errors import WorkbenchError
 from workbench.train.recipe import TOY_DATA, DataSection
@@ -134,19 +135,33 @@ def fingerprint(examples: list[Example]) -> dict:
     return {"examples": len(examples), "sha256": h.hexdigest()}
 
 
-def load_image(path: Path, resolution: int) -> Image.Image:
+def load_image(path: Path, size: int | tuple[int, int]) -> Image.Image:
+    """The image upright, resized to cover `size` (width, height; an int is a square) and
+    center-cropped to it."""
+    width, height = (size, size) if isinstance(size, int) else size
     try:
         with Image.open(path) as im:
-            im = im.convert("RGB")
+            im = ImageOps.exif_transpose(im).convert("RGB")
     except Exception as e:  # PIL raises many types for broken files
         raise WorkbenchError(f"{path}: cannot read the image ({type(e).__name__}: {e})") from None
     w, h = im.size
-    scale = resolution / min(w, h)
+    scale = max(width / w, height / h)
     if scale != 1:
-        im = im.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))), Image.BICUBIC)
+        im = im.resize((max(width, round(w * scale)), max(height, round(h * scale))), Image.BICUBIC)
     w, h = im.size
-    left, top = (w - resolution) // 2, (h - resolution) // 2
-    return im.crop((left, top, left + resolution, top + resolution))
+    left, top = (w - width) // 2, (h - height) // 2
+    return im.crop((left, top, left + width, top + height))
+
+
+def upright_size(path: Path) -> tuple[int, int]:
+    """(width, height) as the image is seen, after its EXIF rotation; reads only the header."""
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            orientation = im.getexif().get(0x0112, 1)
+    except Exception as e:
+        raise WorkbenchError(f"{path}: cannot read the image ({type(e).__name__}: {e})") from None
+    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)  # 90 or 270 degrees
 
 
 class CaptionedImages(torch.utils.data.Dataset):
@@ -159,6 +174,16 @@ class CaptionedImages(torch.utils.data.Dataset):
     def __init__(self, examples: list[Example], data: DataSection, seed: int = 0, augment: bool = True):
         self.examples = examples
         self.resolution = data.resolution
+        # (width, height) each example is trained at: its bucket, or the square
+        self.sizes = [(data.resolution, data.resolution)] * len(examples)
+        if data.aspect_buckets:
+            from workbench.train.buckets import bucket_sizes, nearest_bucket
+
+            buckets = bucket_sizes(data.resolution, data.bucket_step, data.max_aspect)
+            self.sizes = [
+                nearest_bucket(*upright_size(e.path), buckets) if e.path is not None else self.sizes[i]
+                for i, e in enumerate(examples)
+            ]
         self.flip_p = data.flip_p if augment else 0.0
         self.cond_dropout = data.cond_dropout if augment else 0.0
         self.shuffle_tags = data.shuffle_tags and augment
@@ -171,19 +196,19 @@ class CaptionedImages(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.examples)
 
-    def image(self, example: Example) -> np.ndarray:
+    def image(self, index: int) -> np.ndarray:
+        example = self.examples[index]
         if example.spec is not None:
             from workbench.toy.shapes import render_array
 
             return render_array(example.spec, self.resolution)
         assert example.path is not None
-        return np.array(load_image(example.path, self.resolution))  # a writable copy for torch
+        return np.array(load_image(example.path, self.sizes[index]))  # a writable copy for torch
 
     def __getitem__(self, index: int) -> dict:
         example = self.examples[index]
-        pixels = (
-            torch.from_numpy(np.ascontiguousarray(self.image(example))).permute(2, 0, 1).float() / 127.5 - 1
-        )
+        array = np.ascontiguousarray(self.image(index))
+        pixels = torch.from_numpy(array).permute(2, 0, 1).float() / 127.5 - 1
         caption = example.caption
         if self.flip_p or self.cond_dropout or self.shuffle_tags:
             rng = np.random.default_rng([self.seed, self.epoch, index])

@@ -252,6 +252,8 @@ def _import_train(cfg: dict, train_json: Path, result: Ed2Import, where: str) ->
             result.skip(where, key, value, unsupported=True)
     if result.get("training.max_epochs") is None:
         result.recipe.setdefault("training", {})["max_epochs"] = 1  # ED2's default
+    if (result.get("data.resolution") or 512) % 64 == 0:  # ED2 always trains in buckets (of 64 px steps)
+        result.recipe.setdefault("data", {})["aspect_buckets"] = True
     if result.get("data.shuffle_tags"):
         result.notes.append("shuffle_tags: wb keeps the first tag in place and shuffles the rest")
 

@@ -35,6 +35,7 @@ import torch
 
 from workbench import __version__
 from workbench.errors import WorkbenchError
+from workbench.train.buckets import BucketBatchSampler, bucket_counts
 from workbench.train.data import (
     CaptionedImages,
     EpochSampler,
@@ -140,7 +141,7 @@ def train(
 
     # --- the model ------------------------------------------------------------------------------
     base_path, models, spec, base_metadata = _load_model(recipe, run_dir, device, resume)
-    _check_resolution(recipe.data.resolution, spec.configs)
+    _check_resolution(recipe.data, spec.configs)
 
     # --- the data: a fixed validation split, written beside the run -----------------------------
     examples = load_examples(recipe.data)
@@ -157,14 +158,22 @@ def train(
     train_set = CaptionedImages(train_examples, recipe.data, seed=tr.seed, augment=True)
     val_set = CaptionedImages(val_examples, recipe.data, augment=False)
     stable_set = CaptionedImages(stable_examples, recipe.data, augment=False)
-    sampler = EpochSampler(len(train_set), tr.seed)
-    loader = torch.utils.data.DataLoader(
-        train_set,
-        batch_size=tr.batch_size,
-        sampler=sampler,
-        collate_fn=collate,
-        num_workers=recipe.data.workers,
-    )
+    if recipe.data.aspect_buckets:  # batches of one bucket each; `skip` below counts batches
+        sampler = BucketBatchSampler(train_set.sizes, tr.batch_size, tr.seed)
+        loader = torch.utils.data.DataLoader(
+            train_set, batch_sampler=sampler, collate_fn=collate, num_workers=recipe.data.workers
+        )
+        per_batch = 1
+    else:  # `skip` counts examples
+        sampler = EpochSampler(len(train_set), tr.seed)
+        loader = torch.utils.data.DataLoader(
+            train_set,
+            batch_size=tr.batch_size,
+            sampler=sampler,
+            collate_fn=collate,
+            num_workers=recipe.data.workers,
+        )
+        per_batch = tr.batch_size
 
     # --- what trains: frozen parts get requires_grad False and no optimizer ---------------------
     params = _set_trainable(models, recipe)
@@ -207,6 +216,8 @@ def train(
         record["data"] = {"root": recipe.data.root, **fingerprint(examples), "train": len(train_examples),
                           "validation": len(val_examples), "stabilize_train": len(stable_examples),
                           "steps_per_epoch": steps_per_epoch, "total_steps": total_steps}  # fmt: skip
+        if recipe.data.aspect_buckets:
+            record["data"]["buckets"] = bucket_counts(train_set.sizes)
         write_run_record(run_dir, record)
     elif main:
         _record_resume(run_dir, saved.progress.step, fingerprint(examples), accelerator)
@@ -247,10 +258,11 @@ def train(
         for epoch in range(first_epoch, n_epochs):
             train_set.set_epoch(epoch)
             loader.set_epoch(epoch)
+            sampler.set_epoch(epoch)  # (accelerate's loader does not reach a batch sampler's)
             if epoch == first_epoch and skip:
                 # Resuming mid-epoch: the sampler drops what this epoch's order already gave, on
-                # every process (each took batches_seen batches of batch_size).
-                sampler.resume_at(epoch, skip * tr.batch_size * accelerator.num_processes)
+                # every process (each took batches_seen batches).
+                sampler.resume_at(epoch, skip * per_batch * accelerator.num_processes)
             state.position = (epoch, skip if epoch == first_epoch else 0)
             for batch in loader:
                 state.position = (epoch, state.position[1] + 1)
@@ -567,12 +579,14 @@ def _param_names(models: Models, params: dict) -> dict[str, list[str]]:
     }
 
 
-def _check_resolution(resolution: int, configs: dict) -> None:
+def _check_resolution(data, configs: dict) -> None:
     vae = 2 ** (len(configs["vae"].get("block_out_channels", [0] * 4)) - 1)
     unet = 2 ** (len(configs["unet"].get("block_out_channels", [0] * 4)) - 1)
-    if resolution % (vae * unet):
+    field = "bucket_step" if data.aspect_buckets else "resolution"
+    value = getattr(data, field)
+    if value % (vae * unet):
         raise WorkbenchError(
-            f"data.resolution: {resolution} is not a multiple of {vae * unet} "
+            f"data.{field}: {value} is not a multiple of {vae * unet} "
             f"(VAE downsampling {vae} x UNet downsampling {unet} for this model)"
         )
 

@@ -83,6 +83,9 @@ class ToyDataSection(Section):
 class DataSection(Section):
     root: str = Field(description=f"folder of images with .txt/.caption sidecars, or {TOY_DATA}")
     resolution: int = Field(512, ge=8, description="images are resized (shorter side) and center-cropped")
+    aspect_buckets: bool = Field(False, description="train each image at its nearest aspect ratio")
+    bucket_step: int = Field(64, ge=8, description="bucket sides are multiples of this")
+    max_aspect: float = Field(2.5, ge=1, description="the widest bucket's width/height (and tallest's h/w)")
     toy: ToyDataSection = ToyDataSection()
     flip_p: float = Field(0.0, ge=0, le=1)
     cond_dropout: float = Field(0.0, ge=0, le=1, description="chance a caption is replaced by ''")
@@ -92,6 +95,13 @@ class DataSection(Section):
     @model_validator(mode="after")
     def _toy_only(self):
         _only_when(self, ("toy",), self.root == TOY_DATA, f"only used with root {TOY_DATA}")
+        _only_when(self, ("bucket_step", "max_aspect"), self.aspect_buckets, "only used with aspect_buckets")
+        if self.aspect_buckets and self.root == TOY_DATA:
+            raise ValueError(f"aspect_buckets: {TOY_DATA} images are all square")
+        if self.aspect_buckets and self.resolution % self.bucket_step:
+            raise ValueError(
+                f"bucket_step: resolution {self.resolution} is not a multiple of {self.bucket_step}"
+            )
         return self
 
 

@@ -46,8 +46,7 @@ def validation_loss(
         m.eval()
     total, count = 0.0, 0
     try:
-        for start in range(0, len(dataset), batch_size):
-            indices = range(start, min(start + batch_size, len(dataset)))
+        for indices in _batches(dataset.sizes, batch_size):
             batch = collate([dataset[i] for i in indices])
             with autocast() if autocast is not None else torch.autocast("cpu", enabled=False):
                 pixels = batch["pixels"].to(device)
@@ -67,6 +66,15 @@ def validation_loss(
         for m, mode in modes.items():
             m.train(mode)
     return total / max(1, count)
+
+
+def _batches(sizes: list[tuple[int, int]], batch_size: int) -> list[list[int]]:
+    """Consecutive indices of one image size (aspect buckets), at most batch_size at a time. Which
+    examples share a batch does not change the result: each has its own noise."""
+    by_size: dict[tuple[int, int], list[int]] = {}
+    for i, size in enumerate(sizes):
+        by_size.setdefault(size, []).append(i)
+    return [ids[i : i + batch_size] for ids in by_size.values() for i in range(0, len(ids), batch_size)]
 
 
 def _latent_shape(models: Models, pixels: torch.Tensor) -> tuple[int, ...]:
