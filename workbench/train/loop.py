@@ -56,6 +56,7 @@ from workbench.train.schedules import build_scheduler, current_lr
 from workbench.train.validation import validation_loss
 
 COMPONENTS = ("unet", "text_encoder")
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 # Metadata of the base checkpoint that a fine-tune keeps: what makes a toy model rebuildable
 # (its configs) and what says which architecture it is.
 KEPT_METADATA = (
@@ -782,20 +783,38 @@ class _RunState:
         return path
 
     def _write_checkpoint(self, stem: str, kept: list[Path], step: int, epoch: int, ema=False) -> Path:
-        """One single-file checkpoint of the weights the models hold now; keep_last applies per
-        kind (model, EMA)."""
-        path = self.run_dir / "checkpoints" / f"{stem}.safetensors"
+        """The weights the models hold now, in each of saving.format (STEM.safetensors, STEM/);
+        returns the first. keep_last applies per kind (model, EMA)."""
+        from workbench.checkpoint.diffusers_save import save_diffusers_folder
+
+        s = self.recipe.saving
         metadata = self._metadata(step, epoch, ema)
-        save_checkpoint(path, self.models, self.spec, metadata, self.recipe.saving.dtype)
-        kept.append(path)
-        self.log.event(step, "checkpoint", path=str(path), **({"ema": True} if ema else {}))
-        keep = self.recipe.saving.keep_last
-        while keep and len(kept) > keep:
+        paths = []
+        for fmt in s.format:
+            if fmt == "single_file":
+                path = save_checkpoint(self.run_dir / "checkpoints" / f"{stem}.safetensors",
+                                       self.models, self.spec, metadata, s.dtype)  # fmt: skip
+            else:
+                modules = {c: getattr(self.models, c) for c in ("unet", "vae", "text_encoder")}
+                path = save_diffusers_folder(
+                    self.run_dir / "checkpoints" / stem, modules, self.models.tokenizer,
+                    self.spec.configs["scheduler"], self.spec.layout, DTYPES[s.dtype], metadata,
+                )  # fmt: skip
+            paths.append(path)
+            self.log.event(step, "checkpoint", path=str(path), **({"ema": True} if ema else {}))
+        kept.append(paths[0])
+        while s.keep_last and len(kept) > s.keep_last:
             old = kept.pop(0)
-            old.unlink(missing_ok=True)
-            self.log.event(step, "checkpoint_removed", path=str(old))
-        self._report(step, epoch, note=f"saved {path.name}")
-        return path
+            for gone in (old.with_suffix(".safetensors"), old.with_suffix("")):
+                if gone.is_dir():
+                    shutil.rmtree(gone)
+                elif gone.exists():
+                    gone.unlink()
+                else:
+                    continue
+                self.log.event(step, "checkpoint_removed", path=str(gone))
+        self._report(step, epoch, note=f"saved {paths[0].name}")
+        return paths[0]
 
     def save_state(self, step: int, reason: str) -> Path:
         epoch, seen = self.position
@@ -892,7 +911,7 @@ def save_checkpoint(path: Path, models: Models, spec, metadata: dict[str, str], 
     from workbench.checkpoint.convert import diffusers_to_ldm
     from workbench.checkpoint.safetensors_io import save_tensors
 
-    target = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+    target = DTYPES[dtype]
 
     def state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
         return {

@@ -279,6 +279,11 @@ class SavingSection(Section):
     every_n_minutes: float | None = Field(None, gt=0)
     keep_last: int | None = Field(None, ge=1)
     dtype: Literal["fp16", "bf16", "fp32"] = "fp16"
+    format: list[Literal["single_file", "diffusers"]] = Field(
+        ["single_file"],
+        min_length=1,
+        description="single_file (.safetensors, what A1111/ComfyUI load) and/or diffusers (a folder)",
+    )
     ema: Literal["both", "ema", "model"] = Field(
         "both", description="with training.ema_decay: save the EMA weights (-ema file), the model's, or both"
     )
