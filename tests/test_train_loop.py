@@ -224,7 +224,7 @@ def test_min_snr_weighting(base):
     from workbench.pipeline import load_modules
     from workbench.tokenizer import clip_tokenizer
     from workbench.toy.model import TOY_SCHEDULER
-    from workbench.train.diffusion import Models, epsilon_loss, noise_scheduler_for
+    from workbench.train.diffusion import Models, denoising_loss, noise_scheduler_for
 
     m = load_modules(base)
     models = Models(
@@ -234,8 +234,8 @@ def test_min_snr_weighting(base):
     latents, noise = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
     ids, t = torch.zeros(3, 77, dtype=torch.long), torch.tensor([10, 500, 990])
     with torch.no_grad():
-        plain = epsilon_loss(models, latents, ids, noise, t)
-        weighted = epsilon_loss(models, latents, ids, noise, t, min_snr_gamma=5.0)
+        plain = denoising_loss(models, latents, ids, noise, t)
+        weighted = denoising_loss(models, latents, ids, noise, t, min_snr_gamma=5.0)
     a = models.noise_scheduler.alphas_cumprod[t]
     snr = a / (1 - a)
     assert torch.allclose(weighted, plain * torch.clamp(snr, max=5.0) / snr)
@@ -244,14 +244,14 @@ def test_min_snr_weighting(base):
 
 def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(base, tmp_path, monkeypatch):
     calls = {"n": 0}
-    real = loop.epsilon_loss
+    real = loop.denoising_loss
 
     def poisoned(*args, **kwargs):
         calls["n"] += 1
         loss = real(*args, **kwargs)
         return loss * float("nan") if calls["n"] == 4 else loss
 
-    monkeypatch.setattr(loop, "epsilon_loss", poisoned)
+    monkeypatch.setattr(loop, "denoising_loss", poisoned)
     run = tmp_path / "run"
     r = tmp_path / "r.yaml"
     r.write_text(json.dumps(recipe(base, training={"max_steps": 6}, saving={"every_n_steps": 2}).to_dict()))

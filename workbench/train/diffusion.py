@@ -1,7 +1,9 @@
 """The pieces of a Stable Diffusion training step shared by the loop and validation.
 
-Epsilon prediction on VAE latents: encode the image, add noise at timestep t with the DDPM
-schedule of the model, predict the noise from the noisy latent and the caption, MSE. All random
+On VAE latents: encode the image, add noise at timestep t with the DDPM schedule of the model,
+predict from the noisy latent and the caption, MSE against the model's target: the noise for
+epsilon-prediction models (SD1.x, SD2 base), the velocity v = sqrt(a_t) * noise - sqrt(1 - a_t) * x0
+for v-prediction models (SD2 768-v). All random
 numbers come from explicit CPU torch.Generators (then moved to the device), so a seed means the
 same numbers on every device, and validation can use its own generator that training never touches.
 """
@@ -27,20 +29,19 @@ class Models:
 
 
 def noise_scheduler_for(config: dict):
-    """A DDPMScheduler with the beta schedule of the model's (inference) scheduler config."""
+    """A DDPMScheduler with the beta schedule and prediction type of the model's (inference)
+    scheduler config."""
     from diffusers import DDPMScheduler
 
     prediction = config.get("prediction_type", "epsilon")
-    if prediction != "epsilon":
-        raise WorkbenchError(
-            f"model: {prediction} models cannot be trained yet (this slice trains epsilon prediction)"
-        )
+    if prediction not in ("epsilon", "v_prediction"):
+        raise WorkbenchError(f"model: {prediction} models cannot be trained (epsilon or v_prediction)")
     return DDPMScheduler(
         num_train_timesteps=config.get("num_train_timesteps", 1000),
         beta_start=config.get("beta_start", 0.00085),
         beta_end=config.get("beta_end", 0.012),
         beta_schedule=config.get("beta_schedule", "scaled_linear"),
-        prediction_type="epsilon",
+        prediction_type=prediction,
     )
 
 
@@ -67,7 +68,7 @@ def encode_latents(
     return latents * scaling_factor  # float32 even under autocast: the loss target must not be rounded
 
 
-def epsilon_loss(
+def denoising_loss(
     models: Models,
     latents: torch.Tensor,
     input_ids: torch.Tensor,
@@ -75,17 +76,21 @@ def epsilon_loss(
     timesteps: torch.Tensor,
     min_snr_gamma: float | None = None,
 ) -> torch.Tensor:
-    """Per-example loss (shape [B]): MSE between the predicted and the true noise.
+    """Per-example loss (shape [B]): MSE between the prediction and the target (noise or v).
 
-    With min_snr_gamma, each example is weighted by min(SNR(t), gamma) / SNR(t) (Min-SNR, for
-    epsilon prediction), which stops the low-noise timesteps from dominating.
+    With min_snr_gamma, each example is weighted by min(SNR(t), gamma) / SNR(t) for epsilon
+    prediction and min(SNR(t), gamma) / (SNR(t) + 1) for v prediction (Min-SNR: the same weight
+    on the implied x0 error), which stops the low-noise timesteps from dominating.
     """
-    noisy = models.noise_scheduler.add_noise(latents, noise, timesteps)
+    scheduler = models.noise_scheduler
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    v_prediction = scheduler.config.prediction_type == "v_prediction"
+    target = scheduler.get_velocity(latents, noise, timesteps) if v_prediction else noise
     hidden = models.text_encoder(input_ids)[0]
     pred = models.unet(noisy, timesteps, hidden).sample
-    loss = F.mse_loss(pred.float(), noise.float(), reduction="none").mean(dim=(1, 2, 3))
+    loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
     if min_snr_gamma is not None:
-        alphas = models.noise_scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()
+        alphas = scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()
         snr = alphas / (1 - alphas)
-        loss = loss * torch.clamp(snr, max=min_snr_gamma) / snr
+        loss = loss * torch.clamp(snr, max=min_snr_gamma) / (snr + 1 if v_prediction else snr)
     return loss

@@ -46,7 +46,7 @@ from workbench.train.data import (
     stable_subset,
     write_split,
 )
-from workbench.train.diffusion import Models, encode_latents, epsilon_loss, noise_scheduler_for, tokenize
+from workbench.train.diffusion import Models, denoising_loss, encode_latents, noise_scheduler_for, tokenize
 from workbench.train.ema import EMA, ema_load, ema_start, ema_state, ema_update, ema_weights
 from workbench.train.optimizers import adapted_lr, build_optimizer, freeze_text_encoder, trainable
 from workbench.train.recipe import TOY_MODEL, Recipe
@@ -415,7 +415,7 @@ def _batch_loss(
         )
     timesteps = torch.randint(tr.timestep_min, tr.timestep_max + 1, (b,), generator=generator)
     ids = tokenize(models.tokenizer, batch["caption"], device)
-    return epsilon_loss(
+    return denoising_loss(
         models, latents, ids, noise.to(device, latents.dtype), timesteps.to(device), tr.min_snr_gamma
     )
 
@@ -505,8 +505,9 @@ def _load_model(recipe: Recipe, run_dir: Path, device, resume: bool = False):
             raise WorkbenchError(f"model.base: {base_path}: no such file or folder")
     with open_checkpoint(base_path) as ckpt:
         spec = model_spec(ckpt)
-        if spec.layout not in ("sd1", "sd2") or spec.variants:
-            what = spec.layout + (f" ({', '.join(spec.variants)})" if spec.variants else "")
+        unsupported = [v for v in spec.variants if v != "v-prediction"]
+        if spec.layout not in ("sd1", "sd2") or unsupported:
+            what = spec.layout + (f" ({', '.join(unsupported)})" if unsupported else "")
             raise WorkbenchError(
                 f"model.base: {base_path}: training {what} models is not supported yet (sd1, sd2)"
             )
@@ -885,6 +886,8 @@ class _RunState:
                 "modelspec.title": f"{self.name} step {step}" + (" (EMA)" if ema else ""),
             }
         )
+        if self.spec.configs["scheduler"].get("prediction_type") == "v_prediction":
+            meta["modelspec.prediction_type"] = "v"  # what makes A1111, ComfyUI and wb sample it as v
         return meta
 
     def sample(self, step: int, epoch: int, final: bool = False) -> None:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from workbench.train.data import CaptionedImages, collate
-from workbench.train.diffusion import Models, encode_latents, epsilon_loss, tokenize
+from workbench.train.diffusion import Models, denoising_loss, encode_latents, tokenize
 
 
 def example_noise(seed: int, index: int, shape: tuple[int, ...], n_timesteps: int) -> torch.Tensor:
@@ -59,7 +59,7 @@ def validation_loss(
                 noise = draws[:, 1:].reshape(-1, *shape).to(device, latents.dtype)
                 ts = torch.tensor(timesteps, dtype=torch.long).repeat(len(indices)).to(device)
                 ids = tokenize(models.tokenizer, batch["caption"], device).repeat_interleave(n_t, dim=0)
-                loss = epsilon_loss(models, rows, ids, noise, ts)
+                loss = denoising_loss(models, rows, ids, noise, ts)
                 total += float(loss.double().sum())
                 count += loss.numel()
     finally:
