@@ -84,3 +84,20 @@ def test_bad_inputs_give_one_line_and_exit_2(tmp_path, toy_file):
 
     lora = save_tensors(tmp_path / "lora.safetensors", {"lora_te_x.alpha": torch.tensor(1.0)})
     assert "unknown architecture" in one_error_line(runner.invoke(app, ["inspect", str(lora)]))
+
+
+def test_global_threads_option(tmp_path):
+    import torch
+
+    from workbench.toy.model import toy_init
+
+    path = toy_init(tmp_path / "toy.safetensors", seed=0)
+    before = torch.get_num_threads()
+    try:
+        result = runner.invoke(app, ["--threads", "1", "inspect", "--no-hash", str(path)])
+        assert result.exit_code == 0, result.output
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    result = runner.invoke(app, ["--threads", "0", "inspect", str(path)])
+    assert result.exit_code == 2 and result.output.strip() == "error: --threads 0: must be at least 1"

@@ -26,6 +26,27 @@ app.add_typer(toy_app, name="toy")
 from workbench.console import err, fail, friendly, human_bytes, out  # noqa: E402, F401
 
 
+@app.callback()
+def _everywhere(
+    threads: int = typer.Option(
+        None,
+        "--threads",
+        envvar="WB_THREADS",
+        metavar="N",
+        help="CPU threads for torch in any command (default: torch's). On a busy machine 1 is often "
+        "several times faster: torch's threads spin waiting for each other.",
+    ),
+) -> None:
+    """Options that apply to every command: wb --threads 1 train ..."""
+    if threads is None:
+        return
+    if threads < 1:
+        fail(f"--threads {threads}: must be at least 1")
+    import torch
+
+    torch.set_num_threads(threads)
+
+
 def human_count(n: int) -> str:
     for div, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
         if n >= div:
