@@ -205,3 +205,18 @@ def test_resume_continues_the_ema(base, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert [p.name for p in resumed.ema_checkpoints][-1] == "run-ep03-gs00007-ema.safetensors"
     assert losses(run) == losses(straight.run_dir)  # loss/val_ema included
+
+
+def test_the_run_page_shows_how_the_run_ended(base, straight, tmp_path):
+    page = (straight.run_dir / "index.html").read_text()
+    assert "finished 7 steps" in page and 'src="loss.png"' in page
+    best = min(straight.val_losses, key=lambda p: p[1])
+    assert f"{best[1]:.5f} at step {best[0]}" in page
+    assert f'href="checkpoints/{straight.checkpoints[-1].name}"' in page
+    run = tmp_path / "run"
+    loop.train(make_recipe(base), run, progress=ctrl_c_at(2))
+    page = (run / "index.html").read_text()
+    assert f"interrupted at step 2 of 7; continue with: wb train --resume {run}" in page
+    loop.resume_training(run)
+    page = (run / "index.html").read_text()
+    assert "finished 7 steps" in page and "at step 2 (" in page  # the resume is listed

@@ -143,6 +143,10 @@ def _print_result(result) -> None:
         table.add_row("loss/val", f"{loss:.5f} at step {step} ({len(result.val_losses)} evaluations)")
     if result.checkpoints:
         table.add_row("checkpoint", str(result.checkpoints[-1]))
+    if result.ema_checkpoints:
+        table.add_row("EMA checkpoint", str(result.ema_checkpoints[-1]))
+    if (result.run_dir / "index.html").is_file():
+        table.add_row("report", str(result.run_dir / "index.html"))
     out.print(table)
     if result.stopped == "nan":
         raise WorkbenchError(result.message)

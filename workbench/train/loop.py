@@ -50,6 +50,7 @@ from workbench.train.diffusion import Models, denoising_loss, encode_latents, no
 from workbench.train.ema import EMA, ema_load, ema_start, ema_state, ema_update, ema_weights
 from workbench.train.optimizers import adapted_lr, build_optimizer, freeze_text_encoder, trainable
 from workbench.train.recipe import TOY_MODEL, Recipe
+from workbench.train.report import write_run_report
 from workbench.train.resume import RunProgress, load_state, save_state, state_dir
 from workbench.train.runs import MetricsLog, device_info, package_versions, write_loss_plot, write_run_record
 from workbench.train.schedules import build_scheduler, current_lr
@@ -335,6 +336,8 @@ def train(
         )
         log.close()
         write_loss_plot(run_dir)
+        if checkpoints:  # a fine-tune's page (lr-find writes its own report)
+            write_run_report(run_dir)
     accelerator.end_training()
     return TrainResult(
         run_dir=run_dir,
