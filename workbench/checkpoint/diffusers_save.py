@@ -35,8 +35,10 @@ def save_diffusers_folder(
     layout: str = "sd1",
     dtype: torch.dtype = torch.float16,
     metadata: dict[str, str] | None = None,
+    weights: bool = True,
 ) -> Path:
-    """`modules`: "unet", "vae", "text_encoder" (diffusers / transformers modules)."""
+    """`modules`: "unet", "vae", "text_encoder" (diffusers / transformers modules). `weights=False`
+    writes the configs only: what `from_single_file(config=FOLDER)` needs to build a pipeline offline."""
     import diffusers
 
     path = Path(path)
@@ -54,17 +56,19 @@ def save_diffusers_folder(
             folder.mkdir()
             tensors = {
                 k: (v.detach().to("cpu", dtype) if v.is_floating_point() else v.detach().cpu())
-                for k, v in module.state_dict().items()
+                for k, v in (module.state_dict().items() if weights else ())
             }
             if hasattr(module, "save_config"):  # a diffusers model
                 module.save_config(folder)
-                save_tensors(folder / "diffusion_pytorch_model.safetensors", tensors, {"format": "pt"})
+                file = "diffusion_pytorch_model.safetensors"
                 index[name] = ["diffusers", type(module).__name__]
             else:  # a transformers model
                 module.config.architectures = [type(module).__name__]
                 module.config.save_pretrained(folder)
-                save_tensors(folder / "model.safetensors", tensors, {"format": "pt"})
+                file = "model.safetensors"
                 index[name] = ["transformers", type(module).__name__]
+            if weights:
+                save_tensors(folder / file, tensors, {"format": "pt"})
         tokenizer.save_pretrained(partial / "tokenizer")
         index["tokenizer"] = ["transformers", type(tokenizer).__name__]
         (partial / "scheduler").mkdir()
