@@ -112,10 +112,19 @@ def _command_line(name: str, args: list, options: dict) -> str:
     return shlex.join(parts)
 
 
+COMMON_OPTIONS = ("output", "unet_alpha", "te_alpha", "vae_alpha", "blocks", "dtype", "threads", "dry_run")
+
+
+def _common(values: dict) -> dict:
+    """The options every method command has, picked from the command's locals()."""
+    return {k: values[k] for k in COMMON_OPTIONS}
+
+
 def _merge_command(
     name: str,
     paths: list[Path],
     params: dict[str, float],
+    *,
     output: Path,
     unet_alpha: float | None,
     te_alpha: float | None,
@@ -267,19 +276,7 @@ def weighted(
     dry_run: bool = _dry_opt(),
 ) -> None:
     """Weighted sum: (1 - alpha) * A + alpha * B. Alpha is the share of B, as in A1111."""
-    _merge_command(
-        "weighted",
-        [a, b],
-        {"alpha": alpha},
-        output,
-        unet_alpha,
-        te_alpha,
-        vae_alpha,
-        blocks,
-        dtype,
-        threads,
-        dry_run,
-    )
+    _merge_command("weighted", [a, b], {"alpha": alpha}, **_common(locals()))
 
 
 @merge_app.command("add-diff")
@@ -299,19 +296,7 @@ def add_diff(
     dry_run: bool = _dry_opt(),
 ) -> None:
     """Add difference: A + alpha * (B - C)."""
-    _merge_command(
-        "add-diff",
-        [a, b, c],
-        {"alpha": alpha},
-        output,
-        unet_alpha,
-        te_alpha,
-        vae_alpha,
-        blocks,
-        dtype,
-        threads,
-        dry_run,
-    )
+    _merge_command("add-diff", [a, b, c], {"alpha": alpha}, **_common(locals()))
 
 
 @merge_app.command("triple-sum")
@@ -332,19 +317,7 @@ def triple_sum(
     dry_run: bool = _dry_opt(),
 ) -> None:
     """Triple sum: (1 - alpha - beta) * A + alpha * B + beta * C."""
-    _merge_command(
-        "triple-sum",
-        [a, b, c],
-        {"alpha": alpha, "beta": beta},
-        output,
-        unet_alpha,
-        te_alpha,
-        vae_alpha,
-        blocks,
-        dtype,
-        threads,
-        dry_run,
-    )
+    _merge_command("triple-sum", [a, b, c], {"alpha": alpha, "beta": beta}, **_common(locals()))
 
 
 @merge_app.command("sum-twice")
@@ -365,19 +338,7 @@ def sum_twice(
     dry_run: bool = _dry_opt(),
 ) -> None:
     """Sum twice: (1 - beta) * ((1 - alpha) * A + alpha * B) + beta * C."""
-    _merge_command(
-        "sum-twice",
-        [a, b, c],
-        {"alpha": alpha, "beta": beta},
-        output,
-        unet_alpha,
-        te_alpha,
-        vae_alpha,
-        blocks,
-        dtype,
-        threads,
-        dry_run,
-    )
+    _merge_command("sum-twice", [a, b, c], {"alpha": alpha, "beta": beta}, **_common(locals()))
 
 
 @merge_app.command("slerp")
@@ -396,19 +357,7 @@ def slerp(
     dry_run: bool = _dry_opt(),
 ) -> None:
     """Spherical interpolation per tensor; alpha is the share of B."""
-    _merge_command(
-        "slerp",
-        [a, b],
-        {"alpha": alpha},
-        output,
-        unet_alpha,
-        te_alpha,
-        vae_alpha,
-        blocks,
-        dtype,
-        threads,
-        dry_run,
-    )
+    _merge_command("slerp", [a, b], {"alpha": alpha}, **_common(locals()))
 
 
 @merge_app.command("ties")
@@ -430,19 +379,7 @@ def ties(
     """TIES-merging: trim each delta to its top density, elect signs, average the agreeing entries.
 
     Per-component and block weights override --lambda."""
-    _merge_command(
-        "ties",
-        [base, *models],
-        {"density": density, "lambda": lam},
-        output,
-        unet_alpha,
-        te_alpha,
-        vae_alpha,
-        blocks,
-        dtype,
-        threads,
-        dry_run,
-    )
+    _merge_command("ties", [base, *models], {"density": density, "lambda": lam}, **_common(locals()))
 
 
 @merge_app.command("dare")
@@ -467,19 +404,7 @@ def dare(
     """DARE: drop delta entries at random, rescale the rest by 1 / (1 - drop), add them to the base.
 
     Per-component and block weights override --lambda."""
-    _merge_command(
-        "dare",
-        [base, *models],
-        {"drop": drop, "lambda": lam, "seed": seed},
-        output,
-        unet_alpha,
-        te_alpha,
-        vae_alpha,
-        blocks,
-        dtype,
-        threads,
-        dry_run,
-    )
+    _merge_command("dare", [base, *models], {"drop": drop, "lambda": lam, "seed": seed}, **_common(locals()))
 
 
 @merge_app.command("run")
