@@ -339,11 +339,11 @@ def test_the_loop_runs_the_test_without_checkpoints_and_stops_when_it_diverges(
     tmp_path, monkeypatch, one_thread
 ):
     from workbench.toy.model import toy_init
-    from workbench.train import loop
+    from workbench.train import bookkeeping
 
     base = toy_init(tmp_path / "base.safetensors", seed=5)
     values = iter([1.0, 0.8, 0.6, 0.3, 0.2, 0.7, 5.0, 0.1, 0.1, 0.1, 0.1])  # 5.0 > 4 x 0.2: diverged
-    monkeypatch.setattr(loop, "validation_loss", lambda *a, **k: next(values))
+    monkeypatch.setattr(bookkeeping, "validation_loss", lambda *a, **k: next(values))
     test = lf.RangeTest(lr_min=1e-5, lr_max=1e-3, steps=10, val_every=1, log=True, component="unet")
     result, finding = lf.run_range_test(toy_recipe(base), test, tmp_path / "lf", source={"recipe": "x"})
     assert result.stopped == "stop_when" and result.steps == 6

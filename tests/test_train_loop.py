@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from workbench.checkpoint.reader import open_checkpoint
 from workbench.cli import app as wb_app
 from workbench.cli import friendly
-from workbench.train import loop
+from workbench.train import bookkeeping, loop
 from workbench.train.cli import recipe_app, runs_diff
 from workbench.train.cli import train as train_command
 from workbench.train.recipe import parse_recipe
@@ -211,7 +211,7 @@ def test_bf16_autocast_run_after_an_fp32_run_in_one_process(base, tmp_path, twin
 
 def test_early_stop_after_rising_validation_loss(base, tmp_path, monkeypatch):
     values = iter([1.0, 0.9, 1.0, 1.1, 0.5, 0.4])  # loss/val at steps 0, 1, 2, 3, ...
-    monkeypatch.setattr(loop, "validation_loss", lambda *a, **k: next(values))
+    monkeypatch.setattr(bookkeeping, "validation_loss", lambda *a, **k: next(values))
     r = recipe(base, validation={"every_n_steps": 1, "early_stop_after": 2, "stabilize_train": False},
                training={"max_steps": 8})  # fmt: skip
     result = loop.train(r, tmp_path / "run")

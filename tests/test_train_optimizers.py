@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from workbench.errors import WorkbenchError
-from workbench.train import loop
+from workbench.train import loop, setup
 from workbench.train.data import CaptionedImages, collate, load_examples
 from workbench.train.diffusion import Models, noise_scheduler_for
 from workbench.train.optimizers import OPTIMIZERS, adapted_lr, build_optimizer, optimizer_spec
@@ -57,7 +57,7 @@ def snapshot(module) -> dict[str, torch.Tensor]:
 
 def take_steps(recipe, models, n=2):
     """n optimizer steps of the loop's own loss on one toy batch; returns the optimizers."""
-    params = loop._set_trainable(models, recipe)
+    params = setup.set_trainable(models, recipe)
     optimizers = {c: build_optimizer(recipe.optimizer.settings(c), params[c]) for c in params}
     batch = collate([CaptionedImages(load_examples(recipe.data), recipe.data)[i] for i in range(2)])
     g = torch.Generator().manual_seed(0)
@@ -127,7 +127,7 @@ def test_each_component_gets_its_own_settings(toy_path):
         }
     )
     models = fresh_models(toy_path)
-    params = loop._set_trainable(models, recipe)
+    params = setup.set_trainable(models, recipe)
     unet = build_optimizer(recipe.optimizer.settings("unet"), params["unet"])
     te = build_optimizer(recipe.optimizer.settings("text_encoder"), params["text_encoder"])
     assert type(unet).__name__ == "AdamW" and type(te).__name__ == "Lion"

@@ -3,7 +3,7 @@
 Read it top to bottom: set up (run folder, model, data, what trains, optimizers, schedules,
 run.json), then the loop, which per optimizer step does
 
-    loss = epsilon loss of a batch         (grad_accum micro-batches; a NaN/inf loss stops the run)
+    loss = denoising loss of a batch       (grad_accum micro-batches; a NaN/inf loss stops the run)
     backward, clip, optimizer step         (one optimizer per trained component)
     scheduler step                         (once per OPTIMIZER step)
     log / validate / save / sample         (when the recipe says so)
@@ -15,12 +15,13 @@ draws different noise and sees a different shard of every batch; step counts are
 Checkpoints are single files in the LDM layout (what A1111, ComfyUI and `wb inspect` read), named
 `checkpoints/NAME-epNN-gsNNNNN.safetensors`, NN the (1-based) epoch a step belongs to. The library
 prints nothing: progress goes to the `progress` callback, results come back as a TrainResult.
+Setting up lives in setup.py; what happens between steps (logging, validation, checkpoints, the
+resumable state, samples) in bookkeeping.py; the state a resume needs in resume.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import shutil
@@ -33,8 +34,8 @@ from pathlib import Path
 
 import torch
 
-from workbench import __version__
 from workbench.errors import WorkbenchError
+from workbench.train.bookkeeping import Progress, RunState
 from workbench.train.buckets import BucketBatchSampler, bucket_counts
 from workbench.train.data import (
     CaptionedImages,
@@ -46,38 +47,26 @@ from workbench.train.data import (
     stable_subset,
     write_split,
 )
-from workbench.train.diffusion import Models, denoising_loss, encode_latents, noise_scheduler_for, tokenize
-from workbench.train.ema import EMA, ema_load, ema_start, ema_state, ema_update, ema_weights
-from workbench.train.optimizers import adapted_lr, build_optimizer, freeze_text_encoder, trainable
-from workbench.train.recipe import TOY_MODEL, Recipe
+from workbench.train.diffusion import Models, denoising_loss, encode_latents, tokenize
+from workbench.train.ema import ema_load, ema_start, ema_update
+from workbench.train.optimizers import build_optimizer
+from workbench.train.recipe import Recipe
 from workbench.train.report import write_run_report
-from workbench.train.resume import RunProgress, load_state, save_state, state_dir
-from workbench.train.runs import MetricsLog, device_info, package_versions, write_loss_plot, write_run_record
+from workbench.train.resume import load_state, state_dir
+from workbench.train.runs import MetricsLog, write_loss_plot, write_run_record
 from workbench.train.schedules import build_scheduler, current_lr
-from workbench.train.validation import validation_loss
-
-COMPONENTS = ("unet", "text_encoder")
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-# Metadata of the base checkpoint that a fine-tune keeps: what makes a toy model rebuildable
-# (its configs) and what says which architecture it is.
-KEPT_METADATA = (
-    "wb.architecture",
-    "wb.diffusers_configs",
-    "modelspec.sai_model_spec",
-    "modelspec.architecture",
+from workbench.train.setup import (
+    check_base_unchanged,
+    check_resolution,
+    load_model,
+    load_trained_weights,
+    make_accelerator,
+    new_run_dir,
+    param_names,
+    record_resume,
+    run_record,
+    set_trainable,
 )
-
-
-@dataclass
-class Progress:
-    """What the progress callback gets after every optimizer step and evaluation."""
-
-    step: int
-    total_steps: int
-    epoch: int
-    loss: float | None = None
-    val_loss: float | None = None
-    note: str | None = None
 
 
 @dataclass
@@ -133,17 +122,17 @@ def train(
 
     started = time.time()
     tr = recipe.training
-    run_dir = Path(run_dir) if resume else _new_run_dir(Path(run_dir), checkpoints)
-    accelerator = _accelerator(Accelerator, recipe)
+    run_dir = Path(run_dir) if resume else new_run_dir(Path(run_dir), checkpoints)
+    accelerator = make_accelerator(Accelerator, recipe)
     device, main = accelerator.device, accelerator.is_main_process
     set_seed(tr.seed)
     saved = load_state(run_dir, accelerator.num_processes) if resume else None
     if resume:
-        _check_base_unchanged(run_dir)
+        check_base_unchanged(run_dir)
 
     # --- the model ------------------------------------------------------------------------------
-    base_path, models, spec, base_metadata = _load_model(recipe, run_dir, device, resume)
-    _check_resolution(recipe.data, spec.configs)
+    base_path, models, spec, base_metadata = load_model(recipe, run_dir, device, resume)
+    check_resolution(recipe.data, spec.configs)
 
     # --- the data: a fixed validation split, written beside the run -----------------------------
     examples = load_examples(recipe.data)
@@ -178,12 +167,12 @@ def train(
         per_batch = tr.batch_size
 
     # --- what trains: frozen parts get requires_grad False and no optimizer ---------------------
-    params = _set_trainable(models, recipe)
+    params = set_trainable(models, recipe)
     settings = {c: recipe.optimizer.settings(c) for c in params}
     optimizers = {c: build_optimizer(settings[c], params[c]) for c in params}
     state_weights = saved.weights() if saved is not None else {}  # the interrupted run's fp32 weights
     if saved is not None:
-        _load_weights(models, state_weights, params)
+        load_trained_weights(models, state_weights, params)
     if tr.gradient_checkpointing:
         models.unet.enable_gradient_checkpointing()
         if "text_encoder" in params:
@@ -210,11 +199,13 @@ def train(
         decay = tr.ema_decay or tr.ema_strength_target ** (tr.ema_every_n_steps / max(1, total_steps))
         ema = ema_start(params, decay, tr.ema_every_n_steps, "cpu" if tr.ema_device == "cpu" else None)
         if saved is not None:
-            ema_load(ema, _param_names(models, params), state_weights, saved.progress.ema_updates)
+            ema_load(ema, param_names(models, params), state_weights, saved.progress.ema_updates)
     del state_weights
 
     if main and saved is None:
-        record = _record(recipe, source, base_path, spec, settings, optimizers, params, models, accelerator)
+        record = run_record(
+            recipe, source, base_path, spec, settings, optimizers, params, models, accelerator
+        )
         record["data"] = {"root": recipe.data.root, **fingerprint(examples), "train": len(train_examples),
                           "validation": len(val_examples), "stabilize_train": len(stable_examples),
                           "steps_per_epoch": steps_per_epoch, "total_steps": total_steps}  # fmt: skip
@@ -222,14 +213,14 @@ def train(
             record["data"]["buckets"] = bucket_counts(train_set.sizes)
         write_run_record(run_dir, record)
     elif main:
-        _record_resume(run_dir, saved.progress.step, fingerprint(examples), accelerator)
+        record_resume(run_dir, saved.progress.step, fingerprint(examples), accelerator)
     resumed_at = saved.progress.step if saved is not None else None
     log = MetricsLog(run_dir, recipe.logging.tensorboard, after_step=resumed_at) if main else None
-    state = _RunState(recipe, run_dir, models, spec, base_metadata, accelerator, log, progress, total_steps)
+    state = RunState(recipe, run_dir, models, spec, base_metadata, accelerator, log, progress, total_steps)
     state.val_set, state.stable_set = val_set, stable_set  # what `evaluate` measures
     state.checkpointing, state.stop_when = checkpoints, stop_when
     state.optimizers, state.schedulers, state.trained_components = optimizers, schedulers, tuple(params)
-    state.ema, state.param_names = ema, _param_names(models, params)
+    state.ema, state.param_names = ema, param_names(models, params)
 
     # --- the loop ---------------------------------------------------------------------------------
     # Training noise, timesteps and latent samples come from this generator alone (validation has
@@ -432,556 +423,3 @@ def _finite_everywhere(accelerator, loss: torch.Tensor) -> bool:
     if accelerator.num_processes > 1:
         bad = accelerator.reduce(bad, "sum")
     return bad.item() == 0
-
-
-def _record(recipe, source, base_path, spec, settings, optimizers, params, models, accelerator) -> dict:
-    """What run.json says about the run (write_run_record adds format, time, wb version, git revision)."""
-    return {
-        "recipe": recipe.to_dict(),
-        "source": source or {},
-        "base": {
-            "path": str(base_path),
-            "sha256": _sha256_file(base_path),
-            "architecture": spec.architecture,
-            "layout": spec.layout,
-        },
-        "optimizers": {
-            c: {
-                **settings[c].to_json(),
-                "class": _class_name(optimizers[c]),
-                "trained_params": sum(p.numel() for p in params[c]),
-            }
-            for c in params
-        },
-        "frozen": _frozen_summary(models),
-        "versions": package_versions(),
-        "device": {
-            **device_info(accelerator.device),
-            "processes": accelerator.num_processes,
-            "mixed_precision": accelerator.mixed_precision,
-        },
-    }
-
-
-def _new_run_dir(run_dir: Path, checkpoints: bool = True) -> Path:
-    if (run_dir / "run.json").exists():
-        raise WorkbenchError(f"{run_dir}: already holds a run (run.json); choose another -o folder")
-    if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
-        raise WorkbenchError(f"{run_dir}: exists and is not an empty folder; choose another -o folder")
-    (run_dir / "checkpoints" if checkpoints else run_dir).mkdir(parents=True, exist_ok=True)
-    return run_dir
-
-
-def _accelerator(accelerator_cls, recipe: Recipe):
-    from accelerate.state import AcceleratorState, GradientState
-
-    tr = recipe.training
-    cpu = tr.device == "cpu" or not torch.cuda.is_available()
-    precision = tr.mixed_precision
-    if precision == "auto":
-        precision = "no" if cpu else ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
-    # accelerate keeps one process-wide state and refuses a second Accelerator with another precision
-    # or accumulation; each wb run starts its own. (The distributed setup, PartialState, is kept.)
-    AcceleratorState._reset_state(reset_partial_state=False)
-    GradientState._reset_state()
-    try:
-        return accelerator_cls(cpu=cpu, mixed_precision=precision, gradient_accumulation_steps=tr.grad_accum)
-    except (ValueError, RuntimeError) as e:
-        raise WorkbenchError(f"training.mixed_precision: {precision}: {e}") from None
-
-
-def _load_model(recipe: Recipe, run_dir: Path, device, resume: bool = False):
-    from workbench.checkpoint.reader import open_checkpoint
-    from workbench.pipeline import load_modules, model_spec
-    from workbench.tokenizer import clip_tokenizer
-
-    if recipe.model.base == TOY_MODEL and resume:
-        base_path = run_dir / "base.safetensors"
-    elif recipe.model.base == TOY_MODEL:
-        # A fresh random toy model, written into the run, so the run is complete.
-        from workbench.toy.model import toy_init
-
-        base_path = toy_init(run_dir / "base.safetensors", seed=recipe.model.init_seed)
-    else:
-        base_path = Path(recipe.model.base)
-        if not base_path.exists():
-            raise WorkbenchError(f"model.base: {base_path}: no such file or folder")
-    with open_checkpoint(base_path) as ckpt:
-        spec = model_spec(ckpt)
-        unsupported = [v for v in spec.variants if v != "v-prediction"]
-        if spec.layout not in ("sd1", "sd2") or unsupported:
-            what = spec.layout + (f" ({', '.join(unsupported)})" if unsupported else "")
-            raise WorkbenchError(
-                f"model.base: {base_path}: training {what} models is not supported yet (sd1, sd2)"
-            )
-        modules = load_modules(ckpt, device=device, spec=spec)
-        metadata = dict(ckpt.metadata)
-    models = Models(
-        unet=modules["unet"],
-        text_encoder=modules["text_encoder"],
-        vae=modules["vae"],
-        tokenizer=clip_tokenizer("!" if spec.layout == "sd2" else "<|endoftext|>"),
-        noise_scheduler=noise_scheduler_for(spec.configs["scheduler"]),
-        scaling_factor=float(spec.configs["vae"].get("scaling_factor", 0.18215)),
-    )
-    return base_path, models, spec, metadata
-
-
-def _load_weights(models: Models, weights: dict[str, torch.Tensor], params: dict) -> None:
-    """Put a saved state's fp32 weights into the trained components (all of each, strictly)."""
-    for component in params:
-        prefix = component + "."
-        sub = {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
-        module = getattr(models, component)
-        missing, unexpected = module.load_state_dict(sub, strict=False)
-        if missing or unexpected:
-            raise WorkbenchError(
-                f"state/weights.safetensors: does not fit the {component} "
-                f"({len(missing)} missing, {len(unexpected)} unexpected keys)"
-            )
-
-
-def _check_base_unchanged(run_dir: Path) -> None:
-    from workbench.train.runs import read_run
-
-    base = read_run(run_dir).get("base", {})
-    path = Path(base.get("path", ""))
-    if base.get("sha256") and path.is_file() and _sha256_file(path) != base["sha256"]:
-        raise WorkbenchError(f"{path}: the base checkpoint changed since the run started (sha256 differs)")
-
-
-def _record_resume(run_dir: Path, step: int, data: dict, accelerator) -> None:
-    """Check that the data is what the run started with; note the resume in run.json."""
-    from workbench.train.runs import read_run
-
-    record = read_run(run_dir)
-    started_with = record.get("data", {}).get("sha256")
-    if started_with and data.get("sha256") != started_with:
-        raise WorkbenchError(
-            f"{record['data'].get('root')}: the training data changed since the run started "
-            "(its fingerprint differs); a resumed run would not be the same run"
-        )
-    versions = package_versions()
-    changed = {k: [record.get("versions", {}).get(k), v] for k, v in versions.items()
-               if record.get("versions", {}).get(k) != v}  # fmt: skip
-    record.setdefault("resumes", []).append(
-        {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "from_step": step,
-            "versions_changed": changed,
-            "device": device_info(accelerator.device),
-        }
-    )
-    tmp = run_dir / "run.json.partial"
-    tmp.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, run_dir / "run.json")
-
-
-def _param_names(models: Models, params: dict) -> dict[str, list[str]]:
-    """The names of each component's trained parameters, in the order of `params`."""
-    return {
-        c: [n for n, p in getattr(models, c).named_parameters() if p.requires_grad] for c in params
-    }
-
-
-def _check_resolution(data, configs: dict) -> None:
-    vae = 2 ** (len(configs["vae"].get("block_out_channels", [0] * 4)) - 1)
-    unet = 2 ** (len(configs["unet"].get("block_out_channels", [0] * 4)) - 1)
-    field = "bucket_step" if data.aspect_buckets else "resolution"
-    value = getattr(data, field)
-    if value % (vae * unet):
-        raise WorkbenchError(
-            f"data.{field}: {value} is not a multiple of {vae * unet} "
-            f"(VAE downsampling {vae} x UNet downsampling {unet} for this model)"
-        )
-
-
-def _set_trainable(models: Models, recipe: Recipe) -> dict[str, list[torch.nn.Parameter]]:
-    """requires_grad per the recipe; returns the trainable parameters of each trained component."""
-    models.vae.requires_grad_(False).eval()
-    te = recipe.text_encoder
-    for component in COMPONENTS:
-        module = getattr(models, component)
-        module.requires_grad_(recipe.trains(component))
-        module.train(recipe.trains(component))
-    if recipe.trains("text_encoder"):
-        freeze_text_encoder(
-            models.text_encoder, te.unfreeze_last_n_layers, te.freeze_embeddings, te.freeze_final_layer_norm
-        )
-    params = {c: trainable(getattr(models, c)) for c in COMPONENTS if recipe.trains(c)}
-    if "text_encoder" in params and not params["text_encoder"]:
-        raise WorkbenchError(
-            "text_encoder: every text encoder parameter is frozen by the freezing options; "
-            "set text_encoder.train: false instead"
-        )
-    return params
-
-
-def _frozen_summary(models: Models) -> dict:
-    out = {}
-    for component in COMPONENTS:
-        module = getattr(models, component)
-        total = sum(p.numel() for p in module.parameters())
-        out[component] = {
-            "params": total,
-            "trained": sum(p.numel() for p in module.parameters() if p.requires_grad),
-        }
-    return out
-
-
-def _sha256_file(path: Path) -> str | None:
-    """The base checkpoint's sha256 (cached by path, size and mtime, as wb inspect does)."""
-    if not path.is_file():
-        return None  # a diffusers folder: no single file to hash
-    from workbench.checkpoint.hashing import sha256_file
-
-    return sha256_file(path)
-
-
-def _class_name(optimizer) -> str:
-    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper
-    return f"{type(inner).__module__}.{type(inner).__name__}"
-
-
-# --- what happens between steps: logging, validation, saving, sampling --------------------------
-
-
-class _RunState:
-    """Bookkeeping around the loop, kept out of it so the loop stays readable."""
-
-    def __init__(self, recipe, run_dir, models, spec, base_metadata, accelerator, log, progress, total_steps):
-        self.recipe, self.run_dir, self.models, self.spec = recipe, run_dir, models, spec
-        self.base_metadata, self.accelerator, self.log = base_metadata, accelerator, log
-        self.progress, self.total_steps = progress, total_steps
-        self.name = recipe.saving.name or run_dir.resolve().name
-        self.checkpoints: list[Path] = []
-        self.ema_checkpoints: list[Path] = []
-        self.ema: EMA | None = None
-        self.param_names: dict[str, list[str]] = {}
-        self.val_losses: list[tuple[int, float]] = []
-        self.last_loss: float | None = None
-        self.last_eval_step: int | None = None
-        self.last_saved_step: int | None = None
-        self.last_save_time = time.time()
-        self.last_sample_step: int | None = None
-        self.stopped: str | None = None
-        self.message: str | None = None
-        self.val_set = self.stable_set = None
-        self.checkpointing = True
-        self.stop_when: Callable[[Progress], str | None] | None = None
-        # what a resumable state holds, set by the loop
-        self.optimizers: dict = {}
-        self.schedulers: dict = {}
-        self.trained_components: tuple[str, ...] = ()
-        self.generator: torch.Generator | None = None
-        self.position = (0, 0)  # (epoch, micro-batches of it seen)
-        self.train_seconds = 0.0
-        self.state_path: Path | None = None
-
-    def restore(self, saved: RunProgress) -> None:
-        self.last_loss, self.val_losses = saved.last_loss, list(saved.val_losses)
-        self.checkpoints = [Path(p) for p in saved.checkpoints]
-        self.ema_checkpoints = [Path(p) for p in saved.ema_checkpoints]
-        self.last_eval_step, self.last_saved_step = saved.last_eval_step, saved.last_saved_step
-        self.last_sample_step = saved.last_sample_step
-
-    def _report(self, step: int, epoch: int, **kw) -> None:
-        p = Progress(step=step, total_steps=self.total_steps, epoch=epoch + 1, **kw)
-        if self.progress is not None:
-            self.progress(p)
-        if self.stop_when is not None and not self.stopped:
-            message = self.stop_when(p)
-            if message:
-                self.stopped, self.message = "stop_when", message
-
-    def after_step(self, step: int, epoch: int, loss: float, used_lr: dict, optimizers: dict) -> None:
-        self.last_loss = loss
-        if self.log is not None and (step % self.recipe.logging.every_n_steps == 0 or step == 1):
-            values: dict[str, float | None] = {"loss/train": loss}
-            for c, lr in used_lr.items():
-                values[f"lr/{c}"] = lr
-                values[f"lr/d*lr/{c}"] = adapted_lr(optimizers[c], lr)
-            self.log.scalars(step, epoch + 1, values)
-        self._report(step, epoch, loss=loss)
-        r = self.recipe
-        if r.validation.enabled and r.validation.every_n_steps and step % r.validation.every_n_steps == 0:
-            self.evaluate(step, epoch)
-        s = r.saving
-        minutes = s.every_n_minutes and time.time() - self.last_save_time >= 60 * s.every_n_minutes
-        if (s.every_n_steps and step % s.every_n_steps == 0) or minutes:
-            self.save(step, epoch)
-        if r.sampling.prompts and r.sampling.every_n_steps and step % r.sampling.every_n_steps == 0:
-            self.sample(step, epoch)
-
-    def after_epoch(self, step: int, epoch: int, finished: bool) -> None:
-        """End of epoch `epoch` (0-based). The end of the run saves and evaluates anyway."""
-        r = self.recipe
-        if finished:
-            return
-        if (
-            r.validation.enabled
-            and r.validation.every_n_epochs
-            and (epoch + 1) % r.validation.every_n_epochs == 0
-            and self.last_eval_step != step  # already measured at this step (every_n_steps)
-        ):
-            self.evaluate(step, epoch)
-        if r.saving.every_n_epochs and (epoch + 1) % r.saving.every_n_epochs == 0:
-            self.save(step, epoch)
-        if r.sampling.prompts and r.sampling.every_n_epochs and (epoch + 1) % r.sampling.every_n_epochs == 0:
-            self.sample(step, epoch)
-
-    def evaluate(self, step: int, epoch: int) -> None:
-        v = self.recipe.validation
-        batch = v.batch_size or self.recipe.training.batch_size
-        device, autocast = self.accelerator.device, self.accelerator.autocast
-
-        def measure(dataset) -> float:
-            return validation_loss(self.models, dataset, v.timesteps, v.seed, batch, device, autocast)
-
-        val = measure(self.val_set)
-        stable = measure(self.stable_set) if len(self.stable_set) else None
-        ema_val = None
-        if self.ema is not None:  # is the average better than the weights it averages?
-            with ema_weights(self.ema):
-                ema_val = measure(self.val_set)
-        self.val_losses.append((step, val))
-        self.last_eval_step = step
-        if self.log is not None:
-            values = {"loss/val": val, "loss/train_stable": stable, "loss/val_ema": ema_val}
-            self.log.scalars(step, epoch + 1, values)
-        self._report(step, epoch, val_loss=val)
-        k = v.early_stop_after
-        recent = [loss for _, loss in self.val_losses[-(k + 1) :]] if k else []
-        if k and len(recent) == k + 1 and all(b > a for a, b in zip(recent, recent[1:], strict=False)):
-            self.stopped = "early_stop"
-            self.message = f"validation loss rose {k} evaluations in a row; stopped early at step {step}"
-
-    def stop_on_bad_loss(self, value: float, step: int, epoch: int) -> None:
-        self.stopped = "nan"
-        kept = self.checkpoints or self.ema_checkpoints
-        good = kept[-1] if kept else None
-        kept = f"the last good checkpoint is {good}" if good else "no checkpoint had been saved yet"
-        self.message = (
-            f"loss is {value} at step {step} (epoch {epoch + 1}): the run stopped without applying "
-            f"that step; {kept}"
-        )
-
-    def save(self, step: int, epoch: int, final: bool = False) -> Path | None:
-        """A checkpoint (and, with saving.state "checkpoints", the resumable state) at `step`."""
-        if not self.checkpointing or self.last_saved_step == step:
-            return None
-        self.last_saved_step, self.last_save_time = step, time.time()
-        self.accelerator.wait_for_everyone()
-        path = None
-        if self.accelerator.is_main_process:
-            stem = f"{self.name}-ep{epoch + 1:02d}-gs{step:05d}"
-            which = self.recipe.saving.ema if self.ema is not None else "model"
-            if which in ("both", "model"):
-                path = self._write_checkpoint(stem, self.checkpoints, step, epoch)
-            if self.ema is not None and which in ("both", "ema"):
-                with ema_weights(self.ema):
-                    ema_path = self._write_checkpoint(stem + "-ema", self.ema_checkpoints, step, epoch, True)
-                path = path or ema_path
-        if not final and self.recipe.saving.state == "checkpoints":
-            self.save_state(step, "checkpoint")
-        return path
-
-    def _write_checkpoint(self, stem: str, kept: list[Path], step: int, epoch: int, ema=False) -> Path:
-        """The weights the models hold now, in each of saving.format (STEM.safetensors, STEM/);
-        returns the first. keep_last applies per kind (model, EMA)."""
-        from workbench.checkpoint.diffusers_save import save_diffusers_folder
-
-        s = self.recipe.saving
-        metadata = self._metadata(step, epoch, ema)
-        paths = []
-        for fmt in s.format:
-            if fmt == "single_file":
-                path = save_checkpoint(self.run_dir / "checkpoints" / f"{stem}.safetensors",
-                                       self.models, self.spec, metadata, s.dtype)  # fmt: skip
-            else:
-                modules = {c: getattr(self.models, c) for c in ("unet", "vae", "text_encoder")}
-                path = save_diffusers_folder(
-                    self.run_dir / "checkpoints" / stem, modules, self.models.tokenizer,
-                    self.spec.configs["scheduler"], self.spec.layout, DTYPES[s.dtype], metadata,
-                )  # fmt: skip
-            paths.append(path)
-            self.log.event(step, "checkpoint", path=str(path), **({"ema": True} if ema else {}))
-        kept.append(paths[0])
-        while s.keep_last and len(kept) > s.keep_last:
-            old = kept.pop(0)
-            for gone in (old.with_suffix(".safetensors"), old.with_suffix("")):
-                if gone.is_dir():
-                    shutil.rmtree(gone)
-                elif gone.exists():
-                    gone.unlink()
-                else:
-                    continue
-                self.log.event(step, "checkpoint_removed", path=str(gone))
-        self._report(step, epoch, note=f"saved {paths[0].name}")
-        return paths[0]
-
-    def save_state(self, step: int, reason: str) -> Path:
-        epoch, seen = self.position
-        saved = RunProgress(
-            step=step,
-            epoch=epoch,
-            batches_seen=seen,
-            train_seconds=round(self.train_seconds, 3),
-            last_loss=self.last_loss,
-            val_losses=list(self.val_losses),
-            checkpoints=[str(p) for p in self.checkpoints],
-            ema_checkpoints=[str(p) for p in self.ema_checkpoints],
-            ema_updates=self.ema.updates if self.ema is not None else 0,
-            last_eval_step=self.last_eval_step,
-            last_saved_step=self.last_saved_step,
-            last_sample_step=self.last_sample_step,
-            reason=reason,
-        )
-        weights = {
-            f"{c}.{k}": v
-            for c in self.trained_components
-            for k, v in getattr(self.models, c).state_dict().items()
-        }
-        if self.ema is not None:
-            weights.update(ema_state(self.ema, self.param_names))
-        assert self.generator is not None
-        self.state_path = save_state(
-            self.run_dir, saved, weights, self.optimizers, self.schedulers, self.generator, self.accelerator
-        )
-        if self.log is not None:
-            self.log.event(step, "state", path=str(self.state_path), reason=reason)
-        return self.state_path
-
-    def interrupt(self, step: int, epoch: int) -> None:
-        """Ctrl-C between two optimizer steps: a checkpoint, the resumable state, then stop."""
-        self.stopped = "interrupted"
-        self._report(step, epoch, note="Ctrl-C: saving a checkpoint and the resumable state")
-        state = self.recipe.saving.state
-        self.save(step, epoch, final=True)  # the weights as they are, for the grid
-        if state != "never":
-            self.save_state(step, "interrupt")
-            self.message = (
-                f"interrupted at step {step} of {self.total_steps}; continue with: "
-                f"wb train --resume {self.run_dir}"
-            )
-        else:
-            self.message = (
-                f"interrupted at step {step} of {self.total_steps} (saving.state: never: not resumable)"
-            )
-
-    def _metadata(self, step: int, epoch: int, ema: bool = False) -> dict[str, str]:
-        meta = {k: v for k, v in self.base_metadata.items() if k in KEPT_METADATA}
-        record = {
-            "run": str(self.run_dir),
-            "epoch": epoch + 1,
-            "global_step": step,
-            "recipe_sha256": _sha256(json.dumps(self.recipe.to_dict(), sort_keys=True)),
-        }
-        if ema:
-            assert self.ema is not None
-            record["ema"] = {"decay": self.ema.decay, "updates": self.ema.updates}
-        meta.update(
-            {
-                "format": "pt",
-                "wb.made_by": f"wb train ({self.run_dir.name}, epoch {epoch + 1}, step {step})",
-                "wb.version": __version__,
-                "wb.train": json.dumps(record, sort_keys=True),
-                "modelspec.title": f"{self.name} step {step}" + (" (EMA)" if ema else ""),
-            }
-        )
-        if self.spec.configs["scheduler"].get("prediction_type") == "v_prediction":
-            meta["modelspec.prediction_type"] = "v"  # what makes A1111, ComfyUI and wb sample it as v
-        return meta
-
-    def sample(self, step: int, epoch: int, final: bool = False) -> None:
-        sp = self.recipe.sampling
-        if not sp.prompts or (final and not sp.at_end) or self.last_sample_step == step:
-            return
-        self.last_sample_step = step
-        if not self.accelerator.is_main_process:
-            return
-        paths = render_samples(
-            self.models, self.spec, sp, sp.size or self.recipe.data.resolution, self.run_dir / "samples", step
-        )
-        self.log.event(step, "samples", paths=[str(p) for p in paths])
-
-
-def _sha256(text: str) -> str:
-    import hashlib
-
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-def save_checkpoint(path: Path, models: Models, spec, metadata: dict[str, str], dtype: str = "fp16") -> Path:
-    """The current weights as one single-file checkpoint in the LDM layout (A1111/ComfyUI/wb)."""
-    from workbench.checkpoint.convert import diffusers_to_ldm
-    from workbench.checkpoint.safetensors_io import save_tensors
-
-    target = DTYPES[dtype]
-
-    def state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-        return {
-            k: (v.detach().to("cpu", target) if v.is_floating_point() else v.detach().cpu())
-            for k, v in module.state_dict().items()
-        }
-
-    components = {
-        "unet": state(models.unet),
-        "vae": state(models.vae),
-        "text_encoder": state(models.text_encoder),
-    }
-    family = spec.layout
-    return save_tensors(path, diffusers_to_ldm(components, family, spec.configs), metadata)
-
-
-def render_samples(models: Models, spec, sampling, size: int, folder: Path, step: int) -> list[Path]:
-    """One image per (prompt, seed) with the current weights, with A1111-style PNG parameters."""
-    from diffusers import StableDiffusionPipeline
-    from diffusers import schedulers as schedulers_module
-    from PIL.PngImagePlugin import PngInfo
-
-    config = {k: v for k, v in spec.configs["scheduler"].items() if not k.startswith("_")}
-    scheduler = getattr(schedulers_module, spec.configs["scheduler"].get("_class_name", "PNDMScheduler"))
-    pipe = StableDiffusionPipeline(
-        vae=models.vae,
-        text_encoder=models.text_encoder,
-        tokenizer=models.tokenizer,
-        unet=models.unet,
-        scheduler=scheduler.from_config(config),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    modes = {m: m.training for m in (models.unet, models.text_encoder)}
-    folder.mkdir(exist_ok=True)
-    paths = []
-    try:
-        for m in modes:
-            m.eval()
-        for i, prompt in enumerate(sampling.prompts):
-            for seed in sampling.seeds:
-                g = torch.Generator().manual_seed(seed)
-                image = pipe(
-                    prompt,
-                    num_inference_steps=sampling.steps,
-                    guidance_scale=sampling.cfg,
-                    height=size,
-                    width=size,
-                    generator=g,
-                ).images[0]
-                info = PngInfo()
-                info.add_text(
-                    "parameters",
-                    (
-                        f"{prompt}\nSteps: {sampling.steps}, Sampler: {scheduler.__name__}, "
-                        f"CFG scale: {sampling.cfg}, Seed: {seed}, Size: {size}x{size}, Training step: {step}"
-                    ),
-                )
-                path = folder / f"gs{step:05d}-p{i:02d}-s{seed}.png"
-                image.save(path, pnginfo=info)
-                paths.append(path)
-    finally:
-        for m, mode in modes.items():
-            m.train(mode)
-    return paths

@@ -1,0 +1,229 @@
+"""Setting up a training run, kept out of loop.py so the loop reads top to bottom: the run folder,
+the accelerator, the model and what of it trains, run.json, and the checks a resume makes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from workbench.errors import WorkbenchError
+from workbench.train.diffusion import Models, noise_scheduler_for
+from workbench.train.optimizers import freeze_text_encoder, trainable
+from workbench.train.recipe import TOY_MODEL, Recipe
+from workbench.train.runs import device_info, package_versions
+
+COMPONENTS = ("unet", "text_encoder")
+
+
+def run_record(recipe, source, base_path, spec, settings, optimizers, params, models, accelerator) -> dict:
+    """What run.json says about the run (write_run_record adds format, time, wb version, git revision)."""
+    return {
+        "recipe": recipe.to_dict(),
+        "source": source or {},
+        "base": {
+            "path": str(base_path),
+            "sha256": _sha256_file(base_path),
+            "architecture": spec.architecture,
+            "layout": spec.layout,
+        },
+        "optimizers": {
+            c: {
+                **settings[c].to_json(),
+                "class": _class_name(optimizers[c]),
+                "trained_params": sum(p.numel() for p in params[c]),
+            }
+            for c in params
+        },
+        "frozen": _frozen_summary(models),
+        "versions": package_versions(),
+        "device": {
+            **device_info(accelerator.device),
+            "processes": accelerator.num_processes,
+            "mixed_precision": accelerator.mixed_precision,
+        },
+    }
+
+
+def new_run_dir(run_dir: Path, checkpoints: bool = True) -> Path:
+    if (run_dir / "run.json").exists():
+        raise WorkbenchError(f"{run_dir}: already holds a run (run.json); choose another -o folder")
+    if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+        raise WorkbenchError(f"{run_dir}: exists and is not an empty folder; choose another -o folder")
+    (run_dir / "checkpoints" if checkpoints else run_dir).mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def make_accelerator(accelerator_cls, recipe: Recipe):
+    from accelerate.state import AcceleratorState, GradientState
+
+    tr = recipe.training
+    cpu = tr.device == "cpu" or not torch.cuda.is_available()
+    precision = tr.mixed_precision
+    if precision == "auto":
+        precision = "no" if cpu else ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
+    # accelerate keeps one process-wide state and refuses a second Accelerator with another precision
+    # or accumulation; each wb run starts its own. (The distributed setup, PartialState, is kept.)
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
+    try:
+        return accelerator_cls(cpu=cpu, mixed_precision=precision, gradient_accumulation_steps=tr.grad_accum)
+    except (ValueError, RuntimeError) as e:
+        raise WorkbenchError(f"training.mixed_precision: {precision}: {e}") from None
+
+
+def load_model(recipe: Recipe, run_dir: Path, device, resume: bool = False):
+    from workbench.checkpoint.reader import open_checkpoint
+    from workbench.pipeline import load_modules, model_spec
+    from workbench.tokenizer import clip_tokenizer
+
+    if recipe.model.base == TOY_MODEL and resume:
+        base_path = run_dir / "base.safetensors"
+    elif recipe.model.base == TOY_MODEL:
+        # A fresh random toy model, written into the run, so the run is complete.
+        from workbench.toy.model import toy_init
+
+        base_path = toy_init(run_dir / "base.safetensors", seed=recipe.model.init_seed)
+    else:
+        base_path = Path(recipe.model.base)
+        if not base_path.exists():
+            raise WorkbenchError(f"model.base: {base_path}: no such file or folder")
+    with open_checkpoint(base_path) as ckpt:
+        spec = model_spec(ckpt)
+        unsupported = [v for v in spec.variants if v != "v-prediction"]
+        if spec.layout not in ("sd1", "sd2") or unsupported:
+            what = spec.layout + (f" ({', '.join(unsupported)})" if unsupported else "")
+            raise WorkbenchError(
+                f"model.base: {base_path}: training {what} models is not supported yet (sd1, sd2)"
+            )
+        modules = load_modules(ckpt, device=device, spec=spec)
+        metadata = dict(ckpt.metadata)
+    models = Models(
+        unet=modules["unet"],
+        text_encoder=modules["text_encoder"],
+        vae=modules["vae"],
+        tokenizer=clip_tokenizer("!" if spec.layout == "sd2" else "<|endoftext|>"),
+        noise_scheduler=noise_scheduler_for(spec.configs["scheduler"]),
+        scaling_factor=float(spec.configs["vae"].get("scaling_factor", 0.18215)),
+    )
+    return base_path, models, spec, metadata
+
+
+def load_trained_weights(models: Models, weights: dict[str, torch.Tensor], params: dict) -> None:
+    """Put a saved state's fp32 weights into the trained components (all of each, strictly)."""
+    for component in params:
+        prefix = component + "."
+        sub = {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
+        module = getattr(models, component)
+        missing, unexpected = module.load_state_dict(sub, strict=False)
+        if missing or unexpected:
+            raise WorkbenchError(
+                f"state/weights.safetensors: does not fit the {component} "
+                f"({len(missing)} missing, {len(unexpected)} unexpected keys)"
+            )
+
+
+def check_base_unchanged(run_dir: Path) -> None:
+    from workbench.train.runs import read_run
+
+    base = read_run(run_dir).get("base", {})
+    path = Path(base.get("path", ""))
+    if base.get("sha256") and path.is_file() and _sha256_file(path) != base["sha256"]:
+        raise WorkbenchError(f"{path}: the base checkpoint changed since the run started (sha256 differs)")
+
+
+def record_resume(run_dir: Path, step: int, data: dict, accelerator) -> None:
+    """Check that the data is what the run started with; note the resume in run.json."""
+    from workbench.train.runs import read_run
+
+    record = read_run(run_dir)
+    started_with = record.get("data", {}).get("sha256")
+    if started_with and data.get("sha256") != started_with:
+        raise WorkbenchError(
+            f"{record['data'].get('root')}: the training data changed since the run started "
+            "(its fingerprint differs); a resumed run would not be the same run"
+        )
+    versions = package_versions()
+    changed = {k: [record.get("versions", {}).get(k), v] for k, v in versions.items()
+               if record.get("versions", {}).get(k) != v}  # fmt: skip
+    record.setdefault("resumes", []).append(
+        {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "from_step": step,
+            "versions_changed": changed,
+            "device": device_info(accelerator.device),
+        }
+    )
+    tmp = run_dir / "run.json.partial"
+    tmp.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, run_dir / "run.json")
+
+
+def param_names(models: Models, params: dict) -> dict[str, list[str]]:
+    """The names of each component's trained parameters, in the order of `params`."""
+    return {
+        c: [n for n, p in getattr(models, c).named_parameters() if p.requires_grad] for c in params
+    }
+
+
+def check_resolution(data, configs: dict) -> None:
+    vae = 2 ** (len(configs["vae"].get("block_out_channels", [0] * 4)) - 1)
+    unet = 2 ** (len(configs["unet"].get("block_out_channels", [0] * 4)) - 1)
+    field = "bucket_step" if data.aspect_buckets else "resolution"
+    value = getattr(data, field)
+    if value % (vae * unet):
+        raise WorkbenchError(
+            f"data.{field}: {value} is not a multiple of {vae * unet} "
+            f"(VAE downsampling {vae} x UNet downsampling {unet} for this model)"
+        )
+
+
+def set_trainable(models: Models, recipe: Recipe) -> dict[str, list[torch.nn.Parameter]]:
+    """requires_grad per the recipe; returns the trainable parameters of each trained component."""
+    models.vae.requires_grad_(False).eval()
+    te = recipe.text_encoder
+    for component in COMPONENTS:
+        module = getattr(models, component)
+        module.requires_grad_(recipe.trains(component))
+        module.train(recipe.trains(component))
+    if recipe.trains("text_encoder"):
+        freeze_text_encoder(
+            models.text_encoder, te.unfreeze_last_n_layers, te.freeze_embeddings, te.freeze_final_layer_norm
+        )
+    params = {c: trainable(getattr(models, c)) for c in COMPONENTS if recipe.trains(c)}
+    if "text_encoder" in params and not params["text_encoder"]:
+        raise WorkbenchError(
+            "text_encoder: every text encoder parameter is frozen by the freezing options; "
+            "set text_encoder.train: false instead"
+        )
+    return params
+
+
+def _frozen_summary(models: Models) -> dict:
+    out = {}
+    for component in COMPONENTS:
+        module = getattr(models, component)
+        total = sum(p.numel() for p in module.parameters())
+        out[component] = {
+            "params": total,
+            "trained": sum(p.numel() for p in module.parameters() if p.requires_grad),
+        }
+    return out
+
+
+def _sha256_file(path: Path) -> str | None:
+    """The base checkpoint's sha256 (cached by path, size and mtime, as wb inspect does)."""
+    if not path.is_file():
+        return None  # a diffusers folder: no single file to hash
+    from workbench.checkpoint.hashing import sha256_file
+
+    return sha256_file(path)
+
+
+def _class_name(optimizer) -> str:
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper
+    return f"{type(inner).__module__}.{type(inner).__name__}"
