@@ -536,3 +536,34 @@ def test_progress_reports_bytes_up_to_the_total(tmp_path, abc):
     )
     assert seen[-1] == (result.plan.out_bytes, result.plan.out_bytes)
     assert [d for d, _ in seen] == sorted(d for d, _ in seen) and len(seen) == len(result.plan.keys)
+
+
+@pytest.mark.parametrize("old_side", ["a", "b"])
+def test_old_sd1_text_encoder_names_merge_with_current_ones(tmp_path, old_side):
+    """Very old SD1 files have the CLIP text model right under cond_stage_model.transformer.; they
+    merge key for key with current files, and the output uses the current names."""
+
+    def old_names(tensors):
+        return {k.replace(TE, "cond_stage_model.transformer.") if k.startswith(TE) else k: v
+                for k, v in tensors.items()}  # fmt: skip
+
+    paths = {}
+    for i, side in enumerate("ab"):
+        tensors = sd1_tensors(i + 1)
+        paths[side] = save_tensors(tmp_path / f"{side}.safetensors",
+                                   old_names(tensors) if side == old_side else tensors)  # fmt: skip
+    out = tmp_path / "o.safetensors"
+    result = run("weighted", [paths["a"], paths["b"]], out, {"alpha": 0.5})
+    assert result.plan.missing == {} and result.plan.dropped == {}
+    got, a, b = f32(out), sd1_tensors(1), sd1_tensors(2)
+    assert torch.allclose(got[TE_KEY], 0.5 * a[TE_KEY].float() + 0.5 * b[TE_KEY].float())
+    assert not any(k.startswith("cond_stage_model.transformer.encoder") for k in got)
+
+
+def test_a_file_with_both_spellings_of_a_key_is_refused(tmp_path):
+    tensors = sd1_tensors(1)
+    tensors["cond_stage_model.transformer.encoder.layers.0.self_attn.q_proj.weight"] = tensors[TE_KEY]
+    bad = save_tensors(tmp_path / "both.safetensors", tensors)
+    good = make_sd1(tmp_path / "good.safetensors", 2)
+    with pytest.raises(WorkbenchError, match=f"{bad}: both .* are in the checkpoint"):
+        run("weighted", [good, bad], tmp_path / "o.safetensors", {"alpha": 0.5})

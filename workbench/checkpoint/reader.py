@@ -39,6 +39,7 @@ class Checkpoint(Mapping):
         load: Callable[[str], torch.Tensor],
         metadata: dict[str, str] | None = None,
         close: Callable[[], None] | None = None,
+        stored_keys: dict[str, str] | None = None,
     ):
         self.path = path
         self.format = format  # "safetensors" | "ckpt" | "diffusers"
@@ -46,6 +47,11 @@ class Checkpoint(Mapping):
         self.metadata = dict(metadata or {})
         self._load = load
         self._close = close
+        # key -> the name it has in the file, where they differ (see with_current_key_names)
+        self.stored_keys = stored_keys or {}
+
+    def stored_name(self, key: str) -> str:
+        return self.stored_keys.get(key, key)
 
     def __getitem__(self, key: str) -> torch.Tensor:
         if key not in self.infos:
@@ -77,6 +83,26 @@ class Checkpoint(Mapping):
 
     def __repr__(self) -> str:
         return f"Checkpoint({str(self.path)!r}, format={self.format!r}, keys={len(self)})"
+
+
+def with_current_key_names(ckpt: Checkpoint) -> Checkpoint:
+    """The same checkpoint seen with today's LDM key names: very old SD1 files keep the CLIP text
+    model directly under `cond_stage_model.transformer.` (no `text_model.`). Merging such a file
+    with a current one would otherwise find none of its text-encoder keys. Returns `ckpt` itself
+    when every name is current."""
+    from workbench.checkpoint.convert import normalize_ldm_keys
+
+    try:
+        names = normalize_ldm_keys(ckpt.infos)
+    except WorkbenchError as e:
+        raise WorkbenchError(f"{ckpt.path}: {e}") from None
+    renamed = {new: old for new, old in names.items() if new != old}
+    if not renamed:
+        return ckpt
+    infos = {new: ckpt.infos[old] for new, old in names.items()}
+    return Checkpoint(
+        ckpt.path, ckpt.format, infos, lambda key: ckpt[names[key]], ckpt.metadata, ckpt.close, renamed
+    )
 
 
 def open_checkpoint(path: str | os.PathLike) -> Checkpoint:

@@ -29,7 +29,7 @@ import torch
 
 from workbench.checkpoint.describe import CONV_IN, FAMILY_OF, component_of, detect_architecture
 from workbench.checkpoint.hashing import sha256_file
-from workbench.checkpoint.reader import Checkpoint, open_checkpoint
+from workbench.checkpoint.reader import Checkpoint, open_checkpoint, with_current_key_names
 from workbench.checkpoint.safetensors_io import SafetensorsWriter, TensorInfo, read_header
 from workbench.errors import WorkbenchError
 from workbench.merge.blocks import INPUT_BLOCKS, block_names, block_of, count_input_blocks, parse_blocks
@@ -125,7 +125,7 @@ class MergeResult:
 def open_sources(recipe: Recipe) -> dict[str, Source]:
     sources = {}
     for inp in recipe.inputs:
-        ckpt = open_checkpoint(inp.path)
+        ckpt = with_current_key_names(open_checkpoint(inp.path))
         try:
             arch, layout, variants = detect_architecture(ckpt.infos, ckpt.metadata)
         except WorkbenchError as e:
@@ -390,7 +390,8 @@ class _ChunkReader:
         self.fd: int | None = None
         self.offsets: dict[str, tuple[int, int]] = {}
         if ckpt.format == "safetensors" and ckpt.path.is_file():
-            self.offsets = read_header(ckpt.path).offsets
+            stored = read_header(ckpt.path).offsets
+            self.offsets = {key: stored[ckpt.stored_name(key)] for key in ckpt.infos}
             self.fd = os.open(ckpt.path, os.O_RDONLY)
 
     def read(self, key: str, lo: int, hi: int, out: torch.Tensor, scratch: _Scratch) -> None:
