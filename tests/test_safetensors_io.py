@@ -1,4 +1,5 @@
 import json
+import os
 import struct
 
 import pytest
@@ -125,3 +126,14 @@ def test_truncated_and_garbage_files_are_refused(tmp_path):
     lying.write_bytes(struct.pack("<Q", len(raw)) + raw + bytes(8))
     with pytest.raises(WorkbenchError, match="'x': data_offsets do not match"):
         read_header(lying)
+
+
+def test_written_files_get_the_usual_permissions(tmp_path):
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        path = save_tensors(tmp_path / "a.safetensors", {"x": torch.zeros(2)})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644  # not mkstemp's private 0600

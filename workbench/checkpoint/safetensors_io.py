@@ -238,6 +238,9 @@ class SafetensorsWriter:
         fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".wb-tmp", dir=folder)
         self._fd, self._tmp = fd, Path(tmp)
         try:
+            # mkstemp makes the file private (0600); a checkpoint gets what any new file gets, so a
+            # UI running as another user or group can read it.
+            os.fchmod(fd, 0o666 & ~_umask())
             os.ftruncate(fd, self.total_bytes)
             self._pwrite(memoryview(self._prefix), 0)
         except BaseException:
@@ -291,6 +294,12 @@ class SafetensorsWriter:
         except BaseException:
             self._discard()
             raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # reading the umask means setting it; put it straight back
+    os.umask(mask)
+    return mask
 
 
 def _fsync_dir(folder: Path) -> None:
