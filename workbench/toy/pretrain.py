@@ -414,7 +414,7 @@ def pretrain_toy(
     workdir: str | os.PathLike,
     seed: int = 0,
     image_size: int = 32,
-    vae_steps: int = 600,
+    vae_steps: int = 400,
     unet_steps: int | None = None,
     progress: Callable[[PretrainProgress], None] | None = None,
     *,
@@ -458,6 +458,7 @@ def pretrain_toy(
     if unet_steps is not None:
         overrides.append(f"training.max_steps={unet_steps}")
     stage2 = load_recipe(recipe_path, overrides)
+    recipe_text = recipe_path.read_text(encoding="utf-8")
     unet_steps = stage2.training.max_steps or 0
 
     old_threads = torch.get_num_threads()
@@ -505,6 +506,10 @@ def pretrain_toy(
             if progress is not None:
                 progress(PretrainProgress("judge", 0, len(JUDGE_PROMPTS), note="sampling the judge prompts"))
             judged = judge_toy(out_path, image_size, save_grid=staging / "judge.png")
+            # The file then says how good it is, where `wb inspect` shows it.
+            record["judge"] = {k: v for k, v in asdict(judged).items() if k != "images"}
+            metadata["wb.toy_pretrain"] = json.dumps(record, sort_keys=True)
+            save_tensors(out_path, tensors, metadata)
         seconds = time.perf_counter() - started
         result = PretrainResult(
             path=out_path,
@@ -523,7 +528,7 @@ def pretrain_toy(
             vae_seconds=vae_record.seconds,
             unet_seconds=round(run.seconds, 1),
         )
-        _write_record(staging, result, recipe_path, run.run_dir)
+        _write_record(staging, result, recipe_text, run.run_dir)
         shutil.rmtree(record_dir, ignore_errors=True)
         os.replace(staging, record_dir)
     finally:
@@ -533,9 +538,10 @@ def pretrain_toy(
     return result
 
 
-def _write_record(folder: Path, result: PretrainResult, recipe_path: Path, run_dir: Path) -> None:
-    """The small run record: the recipe, the loop's run.json and metrics, pretrain.json, samples."""
-    shutil.copyfile(recipe_path, folder / "recipe.yaml")
+def _write_record(folder: Path, result: PretrainResult, recipe_text: str, run_dir: Path) -> None:
+    """The small run record: the recipe (as read when the run started), the loop's run.json and
+    metrics, pretrain.json, samples."""
+    (folder / "recipe.yaml").write_text(recipe_text, encoding="utf-8")
     for name in ("run.json", "metrics.jsonl"):
         shutil.copyfile(run_dir / name, folder / name)
     for png in sorted((run_dir / "samples").glob("*.png")) if (run_dir / "samples").is_dir() else []:
