@@ -25,7 +25,7 @@ def run(tmp_path_factory):
         "optimizer": {"name": "adamw", "lr": 1e-3},
         "training": {"max_steps": 4, "batch_size": 2},
         "saving": {"every_n_epochs": None, "every_n_steps": 2, "keep_last": 1, "dtype": "fp32",
-                   "format": ["single_file", "diffusers"]},  # fmt: skip
+                   "format": ["diffusers", "single_file"], "name": "toy-v1.5"},  # fmt: skip
         "logging": {"tensorboard": False},
     }
     return loop.train(parse_recipe(raw, "test"), root / "run")
@@ -39,9 +39,11 @@ def render(pipe):
 
 def test_folders_sit_beside_the_files_and_keep_last_removes_both(run):
     folder = run.run_dir / "checkpoints"
-    assert sorted(p.name for p in folder.iterdir()) == ["run-ep02-gs00004", "run-ep02-gs00004.safetensors"]
-    assert [p.name for p in run.checkpoints] == ["run-ep02-gs00004.safetensors"]
-    index = json.loads((folder / "run-ep02-gs00004" / "model_index.json").read_text())
+    # keep_last 1 removed step 2's file and folder ("toy-v1.5": a name with a dot, no suffix)
+    stem = "toy-v1.5-ep02-gs00004"
+    assert sorted(p.name for p in folder.iterdir()) == [stem, f"{stem}.safetensors"]
+    assert [p.name for p in run.checkpoints] == [stem]  # the first format listed
+    index = json.loads((folder / "toy-v1.5-ep02-gs00004" / "model_index.json").read_text())
     assert index["unet"] == ["diffusers", "UNet2DConditionModel"]
     assert index["text_encoder"] == ["transformers", "CLIPTextModel"]
     assert json.loads(index["_wb_metadata"]["wb.train"])["global_step"] == 4
@@ -52,16 +54,16 @@ def test_diffusers_loads_the_folder_and_renders_what_the_single_file_renders(run
 
     from workbench.pipeline import build_pipeline
 
-    folder = run.run_dir / "checkpoints" / "run-ep02-gs00004"
+    folder = run.run_dir / "checkpoints" / "toy-v1.5-ep02-gs00004"
     from_folder = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True)
     from_folder.set_progress_bar_config(disable=True)
-    from_file = build_pipeline(run.checkpoints[0])
+    from_file = build_pipeline(folder.with_name(folder.name + ".safetensors"))
     a, b = render(from_folder), render(from_file)
     assert a.shape == (32, 32, 3) and np.array_equal(a, b)
 
 
 def test_wb_reads_the_folder_as_the_same_checkpoint(run):
-    folder = run.run_dir / "checkpoints" / "run-ep02-gs00004"
-    with open_checkpoint(folder) as a, open_checkpoint(run.checkpoints[0]) as b:
+    folder = run.run_dir / "checkpoints" / "toy-v1.5-ep02-gs00004"
+    with open_checkpoint(folder) as a, open_checkpoint(folder.with_name(folder.name + ".safetensors")) as b:
         assert set(a) == set(b)
         assert all(torch.equal(a[k], b[k]) for k in b)

@@ -206,7 +206,8 @@ class RunState:
         kept.append(paths[0])
         while s.keep_last and len(kept) > s.keep_last:
             old = kept.pop(0)
-            for gone in (old.with_suffix(".safetensors"), old.with_suffix("")):
+            stem = old.name.removesuffix(".safetensors")  # (names may hold dots: "v1.5-ep01-...")
+            for gone in (old.parent / f"{stem}.safetensors", old.parent / stem):
                 if gone.is_dir():
                     shutil.rmtree(gone)
                 elif gone.exists():
