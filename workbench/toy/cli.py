@@ -20,7 +20,7 @@ err = Console(stderr=True)
 
 # Keep in step with pretrain_toy's defaults (checked by tests/test_toy_pretrain.py).
 DEFAULT_SIZE = 32
-DEFAULT_VAE_STEPS = 400
+DEFAULT_VAE_STEPS = 800
 
 HELP = {
     "output": "The checkpoint to write; its run record goes to OUT_run/ beside it.",

@@ -414,7 +414,7 @@ def pretrain_toy(
     workdir: str | os.PathLike,
     seed: int = 0,
     image_size: int = 32,
-    vae_steps: int = 400,
+    vae_steps: int = 800,
     unet_steps: int | None = None,
     progress: Callable[[PretrainProgress], None] | None = None,
     *,
