@@ -26,3 +26,17 @@ def test_demo_quick_end_to_end(tmp_path):
     verdicts = json.loads((out / "matrix" / "matrix.json").read_text())["verdicts"]
     assert "The UNet of v4 carries" in verdicts[0]
     assert "swap matrix:" in result.output and "index.html" in result.output
+
+
+def test_ctrl_c_in_a_demo_fine_tune_stops_the_demo(tmp_path, monkeypatch):
+    from workbench import demo
+    from workbench.train import loop
+
+    def interrupted(recipe, run_dir, **kw):
+        return loop.TrainResult(run_dir, 3, 10, 1, [], [], 0.1, "interrupted", "interrupted at step 3",
+                                seconds=1.0, train_seconds=1.0)  # fmt: skip
+
+    monkeypatch.setattr(loop, "train", interrupted)
+    recipe = {"model": {"base": "toy:init"}, "data": {"root": "toy:shapes"}, "training": {"max_steps": 10}}
+    with pytest.raises(KeyboardInterrupt):
+        demo._train(recipe, tmp_path / "run")

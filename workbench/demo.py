@@ -129,6 +129,8 @@ def _train(recipe_data: dict, run_dir: Path):
 
     recipe = parse_recipe(recipe_data, f"wb demo ({run_dir.name})")
     result = train(recipe, run_dir, source={"made_by": "wb demo"})
+    if result.stopped == "interrupted":  # Ctrl-C stops the whole demo, not just this fine-tune
+        raise KeyboardInterrupt
     if not result.checkpoints:
         raise WorkbenchError(f"{run_dir}: the demo fine-tune saved no checkpoint ({result.message})")
     return result

@@ -480,6 +480,8 @@ def pretrain_toy(
 
         source = {"recipe": str(recipe_path), "overrides": overrides, "by": "wb toy pretrain"}
         run = train(stage2, workdir / "unet_run", progress=unet_progress, source=source)
+        if run.stopped == "interrupted":  # a half-trained base is not a base
+            raise KeyboardInterrupt
         if run.stopped == "nan" or not run.checkpoints:
             raise WorkbenchError(f"UNet stage: {run.message}")
 
