@@ -302,6 +302,15 @@ def _umask() -> int:
     return mask
 
 
+def fsync_file(path: Path) -> None:
+    """Flush a file already written and closed (by torch.save, PIL, ...) to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _fsync_dir(folder: Path) -> None:
     try:
         fd = os.open(folder, os.O_RDONLY)

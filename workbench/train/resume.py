@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from workbench.checkpoint.safetensors_io import fsync_file
 from workbench.errors import WorkbenchError
 
 STATE_DIR = "state"
@@ -93,7 +94,7 @@ def save_state(
         record = {"format": STATE_FORMAT, "processes": accelerator.num_processes, **asdict(progress)}
         (partial / "progress.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
         for path in partial.iterdir():
-            _fsync(path)
+            fsync_file(path)
     accelerator.wait_for_everyone()
     if main:
         old = final.with_name(STATE_DIR + ".old")
@@ -179,12 +180,5 @@ def _write_rng(path: Path, generator: torch.Generator) -> None:
         "python": [version, list(internal), gauss],
     }
     torch.save(state, path)
-    _fsync(path)
+    fsync_file(path)
 
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
