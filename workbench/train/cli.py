@@ -148,6 +148,8 @@ def _print_result(result) -> None:
     if (result.run_dir / "index.html").is_file():
         table.add_row("report", str(result.run_dir / "index.html"))
     out.print(table)
+    for warning in result.data_warnings:  # also in run.json's data.skipped_files / data.notes
+        err.print(f"[yellow]warning:[/] data: {warning}", highlight=False, soft_wrap=True)
     if result.stopped == "nan":
         raise WorkbenchError(result.message)
     if result.stopped == "interrupted":
