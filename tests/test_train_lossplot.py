@@ -36,6 +36,7 @@ def test_loss_plot_from_metrics(tmp_path):
         list(val.get_xdata()) == [0, 29] and list(val.get_ydata()) == [1.0, 0.4] and val.get_marker() == "o"
     )
     assert list(stable.get_xdata()) == [0] and list(stable.get_ydata()) == [1.1]
+    assert val.get_linestyle() == "-" and stable.get_linestyle() == "--"  # told apart where they overlap
 
 
 def test_no_losses_no_plot(tmp_path):

@@ -49,6 +49,7 @@ class Series:
     color: Color | None = None  # None: the next palette colour
     line: bool = True  # join consecutive points
     points: bool = False  # a dot at each point
+    dashed: bool = False  # a dashed line (to tell apart curves that may lie on each other)
     width: float = 2.0  # line width in pixels
     radius: float = 2.5  # dot radius in pixels
 
@@ -156,7 +157,7 @@ def line_chart(
             xs,
             ys,
             color=color,
-            linestyle="-" if ser.line else "none",
+            linestyle=("--" if ser.dashed else "-") if ser.line else "none",
             linewidth=ser.width * pixel,
             marker="o" if ser.points else None,
             markersize=2 * ser.radius * pixel,

@@ -257,5 +257,5 @@ def loss_figure(run_dir: str | os.PathLike):
     for name in ("loss/val", "loss/train_stable", "loss/val_ema"):
         if name in curves:
             steps, losses = zip(*curves[name], strict=True)
-            series.append(Series(steps, losses, name, points=True))
+            series.append(Series(steps, losses, name, points=True, dashed=name != "loss/val"))
     return line_chart(series, title=f"{run_dir.name}: loss", x_label="step", y_label="loss")
