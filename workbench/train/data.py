@@ -33,7 +33,7 @@ import torch
 from PIL import Image, ImageOps
 
 from workbench.errors import WorkbenchError
-from workbench.train.folders import CAPTION_SUFFIXES, IMAGE_SUFFIXES, Skipped, scan  # noqa: F401
+from workbench.train.folders import Skipped, scan
 from workbench.train.recipe import TOY_DATA, DataSection
 
 
