@@ -291,6 +291,8 @@ def lr_find(
         out_dir = output or Path("runs") / f"{recipe.stem}-lr-find-{time.strftime('%Y%m%d-%H%M%S')}"
         source = {"recipe": str(recipe), "overrides": overrides}
         result, finding = _run_range_test(lf, r, test, out_dir, source)
+        for warning in result.data_warnings:  # files skipped, data settings ignored
+            err.print(f"[yellow]warning:[/] data: {warning}", highlight=False, soft_wrap=True)
         base = r.to_dict()
         extra = {
             "recipe": str(recipe),
