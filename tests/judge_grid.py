@@ -9,8 +9,10 @@ from pathlib import Path
 from PIL import Image
 
 
-def write_fake_grid(folder: Path, checkpoints=("base", "v4", "dadapt"), prompts=("a red circle", "a blue square"),
-                    seeds=(1, 2), burn=None) -> Path:  # fmt: skip
+def write_fake_grid(
+    folder: Path, checkpoints=("base", "v4", "dadapt"), prompts=("a red circle", "a blue square"),
+    seeds=(1, 2), burn=None,
+) -> Path:  # fmt: skip
     """Cells in reading order (seed, prompt, checkpoint), each a 16 px image of its own colour.
     `burn`: checkpoint -> burn score (default: 30 + its position)."""
     folder.mkdir(parents=True, exist_ok=True)

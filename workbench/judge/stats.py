@@ -86,12 +86,15 @@ def bootstrap(
     if not votes:
         return np.zeros((reps, n))
     rng = np.random.default_rng(seed)
-    # A resample only needs how often each vote was drawn: multinomial counts over the votes.
-    counts = rng.multinomial(len(votes), np.full(len(votes), 1.0 / len(votes)), size=reps)
-    w = np.zeros((reps, n, n))
+    # A resample only needs how often each vote was drawn: counts of uniform draws, row by row.
+    v = len(votes)
+    drawn = rng.integers(v, size=(reps, v)) + v * np.arange(reps)[:, None]
+    counts = np.bincount(drawn.ravel(), minlength=reps * v).reshape(reps, v).astype(float)
+    each = np.zeros((len(votes), n * n))  # vote k's contribution to the flattened win matrix
     for k, (i, j, s) in enumerate(votes):
-        w[:, i, j] += counts[:, k] * s
-        w[:, j, i] += counts[:, k] * (1.0 - s)
+        each[k, i * n + j] += s
+        each[k, j * n + i] += 1.0 - s
+    w = (counts @ each).reshape(reps, n, n)
     return fit_strengths(w, prior_sd)
 
 
