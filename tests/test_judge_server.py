@@ -307,3 +307,33 @@ def test_host_warns(grid, monkeypatch):
     result = CliRunner().invoke(app, ["judge", str(grid), "--host", "0.0.0.0", "--port", "0"])
     assert isinstance(result.exception, Stop)
     assert "warning:" in result.output and "exposes the voting page" in result.output
+
+
+def test_acceptance_thirty_votes_for_dadapt_through_http(tmp_path):
+    # The acceptance on a grid shaped like the demo's (six models, two prompts, two seeds):
+    # 30 votes through the server's own pairs, always for dadapt, a coin flip between the others.
+    models = ("base", "v4", "dadapt", "v4_dadapt", "v4_plus_dadapt_delta", "kitchen_sink")
+    grid = write_fake_grid(tmp_path / "grid", checkpoints=models)
+    srv = make_server(Judge(load_grids([grid]), seed=11), port=0)
+    threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    try:
+        g = srv.judge.grids["0"]
+        coin = iter([0, 1, 1, 0, 1, 0, 0, 1] * 10)
+        for _ in range(30):
+            pair = json.loads(request(srv, "GET", "/api/pair")[1])
+            left, right = (g.items[g.item_of[pair[s]["index"]]] for s in ("left", "right"))
+            if "dadapt" in (left, right):
+                choice = "left" if left == "dadapt" else "right"
+            else:
+                choice = ("left", "right")[next(coin)]
+            vote = {"grid": "0", "choice": choice, **{s: pair[s]["index"] for s in ("left", "right")}}
+            assert request(srv, "POST", "/api/vote", vote)[0] == 200
+        ranking = json.loads(request(srv, "GET", "/api/ranking")[1])["grids"][0]
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    top, *rest = ranking["items"]
+    assert ranking["votes"] == 30 and top["name"] == "dadapt"
+    assert top["low"] > max(it["high"] for it in rest)
+    assert ranking["sentence"].startswith("dadapt is best with")
+    assert ranking["sentence"].endswith("its 90% interval lies above every other's")

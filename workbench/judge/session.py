@@ -267,6 +267,15 @@ class Judge:
         return value
 
 
+def _percent(p: float) -> str:
+    """82%; never a rounded 100% or 0% that is not exact."""
+    if 0.995 < p < 1:
+        return ">99%"
+    if 0 < p < 0.005:
+        return "<1%"
+    return f"{round(100 * p)}%"
+
+
 def _mean(values: list) -> float | None:
     values = [v for v in values if isinstance(v, (int, float))]
     return float(np.mean(values)) if values else None
@@ -314,7 +323,7 @@ def ranking(grid: JudgedGrid, reps: int = stats.BOOTSTRAP) -> dict:
         sentence = (f"too few votes to say which is best: {compared} of the {math.comb(n, 2)} pairs "
                     "compared so far; every pair needs a vote")  # fmt: skip
     else:
-        sentence = f"{best['name']} is best with {round(100 * best['p_best'])}% probability"
+        sentence = f"{best['name']} is best with {_percent(best['p_best'])} probability"
         beaten = [it["name"] for it in items[1:] if it["high"] < best["low"]]
         if len(beaten) == n - 1:
             sentence += f"; its {round(100 * result.level)}% interval lies above every other's"

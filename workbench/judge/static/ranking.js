@@ -7,7 +7,7 @@ const el = (tag, attrs = {}, ...children) => {
   return node;
 };
 const fmt = (v, digits = 2) => (v === null || v === undefined) ? "-" : Number(v).toFixed(digits);
-const pct = v => Math.round(100 * v) + "%";
+const pct = v => v > 0.995 && v < 1 ? ">99%" : v > 0 && v < 0.005 ? "<1%" : Math.round(100 * v) + "%";
 
 function intervalBar(item, lo, hi) {
   // A strip from the smallest low to the largest high: the interval as a bar, the strength a tick.
@@ -49,8 +49,9 @@ function section(grid) {
   box.append(el("p", {class: "note"},
     `Rank correlation (Spearman) of the human strength with low burn: ${fmt(c.burn)}, with CLIP: ${fmt(c.clip)}.`));
   const m = grid.win_matrix;
+  box.append(el("p", {class: "note matrix-note"},
+    "Wins of the row against the column (a \"same\" vote counts half each way):"));
   const matrix = el("table", {class: "matrix"});
-  matrix.append(el("caption", {}, "wins of the row against the column (a \"same\" counts half each way)"));
   matrix.append(el("tr", {}, el("th", {}, ""), ...m.names.map(n => el("th", {}, n))));
   m.wins.forEach((row, i) => matrix.append(el("tr", {}, el("th", {}, m.names[i]),
     ...row.map((w, j) => el("td", {class: i === j ? "num self" : "num"}, i === j ? "" : String(w))))));
