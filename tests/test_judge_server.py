@@ -180,6 +180,8 @@ def test_a_link_out_of_the_folder_is_refused(server, grid, tmp_path):
     (b"[1, 2]", None, 400, b"JSON object"),
     ({"grid": "0", "left": 0, "right": 1}, None, 400, b"choice must be one of left, right, same"),
     ({"grid": "0", "left": 0, "right": 1, "choice": "both"}, None, 400, b"choice"),
+    ({"grid": "0", "left": 0, "right": 1, "choice": ["left"]}, None, 400, b"choice"),
+    ({"grid": {"a": 1}, "left": 0, "right": 1, "choice": "left"}, None, 400, b"grid must be"),
     ({"grid": "7", "left": 0, "right": 1, "choice": "left"}, None, 400, b"grid must be one of 0"),
     ({"grid": "0", "left": "0", "right": 1, "choice": "left"}, None, 400, b"left must be a cell index"),
     ({"grid": "0", "left": True, "right": 1, "choice": "left"}, None, 400, b"left must be a cell index"),
@@ -337,3 +339,14 @@ def test_acceptance_thirty_votes_for_dadapt_through_http(tmp_path):
     assert top["low"] > max(it["high"] for it in rest)
     assert ranking["sentence"].startswith("dadapt is best with")
     assert ranking["sentence"].endswith("its 90% interval lies above every other's")
+
+
+def test_a_port_in_use_is_one_line(grid):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = CliRunner().invoke(app, ["judge", str(grid), "--port", str(port)])
+    assert result.exit_code == 2 and f"--port {port}: cannot listen on 127.0.0.1:{port}" in result.output

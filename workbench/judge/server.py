@@ -111,6 +111,22 @@ class Handler(BaseHTTPRequestHandler):
         self.do_GET()
 
     def do_GET(self) -> None:
+        self._safely(self._get)
+
+    def do_POST(self) -> None:
+        self._safely(self._post)
+
+    def _safely(self, handle) -> None:
+        """Any unexpected error is a 500 with its one line, not a dropped connection."""
+        try:
+            handle()
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        except Exception as e:  # noqa: BLE001 - the server must keep serving
+            self.close_connection = True
+            self._error(HTTPStatus.INTERNAL_SERVER_ERROR, f"{type(e).__name__}: {e}")
+
+    def _get(self) -> None:
         if not self._guard():
             return
         path = urlsplit(self.path).path
@@ -141,7 +157,7 @@ class Handler(BaseHTTPRequestHandler):
 
     # -- POST ----------------------------------------------------------------------------------
 
-    def do_POST(self) -> None:
+    def _post(self) -> None:
         if not self._guard():
             return
         path = urlsplit(self.path).path

@@ -186,7 +186,7 @@ class Judge:
             # The prompt/seed/settings this pair was shown with least often, so votes spread over them.
             used = {g: 0 for g in options}
             for record in grid.log.read().votes:
-                cells = {record.get("left", {}).get("index"), record.get("right", {}).get("index")}
+                cells = {_index(record.get("left")), _index(record.get("right"))}
                 for g in options:
                     if cells == {grid.groups[g][a], grid.groups[g][b]}:
                         used[g] += 1
@@ -210,7 +210,7 @@ class Judge:
             raise BadVote("the body must be a JSON object")
         grid = self._grid(payload)
         choice = payload.get("choice")
-        if choice not in CHOICES:
+        if not isinstance(choice, str) or choice not in CHOICES:
             raise BadVote(f"choice must be one of {', '.join(CHOICES)}")
         left, right = (self._cell(grid, payload, side) for side in ("left", "right"))
         a, b = grid.item_of[left], grid.item_of[right]
@@ -265,6 +265,10 @@ class Judge:
         if isinstance(value, bool) or not isinstance(value, int) or value not in grid.item_of:
             raise BadVote(f"{side} must be a cell index of grid {grid.key}")
         return value
+
+
+def _index(side: object) -> object:
+    return side.get("index") if isinstance(side, dict) else None
 
 
 def _percent(p: float) -> str:
