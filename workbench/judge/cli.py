@@ -17,16 +17,18 @@ from workbench.errors import WorkbenchError
 
 
 def ranking_table(grid: dict) -> Table:
+    from workbench.judge.session import percent
+
     level = round(100 * grid["level"])
     table = Table(title=f"{grid['name']}: {grid['votes']} votes, by {grid['by']}", title_justify="left")
     for col in ("rank", grid["by"], "strength", f"{level}% interval", "P(best)", "votes", "wins", "ties",
                 "burn", "CLIP"):  # fmt: skip
         table.add_column(col, justify="left" if col == grid["by"] else "right")
-    num = lambda v, d=2: "-" if v is None else f"{v:.{d}f}"  # noqa: E731
+    num = lambda v, d=2: "-" if v is None else f"{round(v, d) + 0.0:.{d}f}"  # noqa: E731 - no "-0.00"
     for it in grid["items"]:
         table.add_row(
             str(it["rank"]), it["name"], num(it["strength"]), f"{num(it['low'])} .. {num(it['high'])}",
-            f"{100 * it['p_best']:.0f}%", str(it["votes"]), f"{it['wins']:g}", str(it["ties"]),
+            percent(it["p_best"]), str(it["votes"]), f"{it['wins']:g}", str(it["ties"]),
             num(it["burn"]), num(it["clip"]),
         )  # fmt: skip
     return table

@@ -22,6 +22,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from urllib.parse import unquote, urlsplit
 
+from workbench.judge import stats
 from workbench.judge.session import BadVote, Judge, safe_path
 
 MAX_BODY = 64 * 1024
@@ -47,7 +48,7 @@ class JudgeServer(ThreadingHTTPServer):
     def __init__(self, judge: Judge, host: str = "127.0.0.1", port: int = 8765, log=None):
         self.judge = judge
         self.log = log  # called with one line per request when given
-        self.ranking_reps = 1000  # the page refits on every view; ranking.json uses the full count
+        self.ranking_reps = stats.BOOTSTRAP  # the same numbers as ranking.json
         self._ranking_lock = threading.Lock()
         if ":" in host:
             self.address_family = socket.AF_INET6

@@ -271,7 +271,7 @@ def _index(side: object) -> object:
     return side.get("index") if isinstance(side, dict) else None
 
 
-def _percent(p: float) -> str:
+def percent(p: float) -> str:
     """82%; never a rounded 100% or 0% that is not exact."""
     if 0.995 < p < 1:
         return ">99%"
@@ -327,7 +327,7 @@ def ranking(grid: JudgedGrid, reps: int = stats.BOOTSTRAP) -> dict:
         sentence = (f"too few votes to say which is best: {compared} of the {math.comb(n, 2)} pairs "
                     "compared so far; every pair needs a vote")  # fmt: skip
     else:
-        sentence = f"{best['name']} is best with {_percent(best['p_best'])} probability"
+        sentence = f"{best['name']} is best with {percent(best['p_best'])} probability"
         beaten = [it["name"] for it in items[1:] if it["high"] < best["low"]]
         if len(beaten) == n - 1:
             sentence += f"; its {round(100 * result.level)}% interval lies above every other's"

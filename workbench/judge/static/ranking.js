@@ -6,7 +6,8 @@ const el = (tag, attrs = {}, ...children) => {
   for (const child of children) node.append(child);
   return node;
 };
-const fmt = (v, digits = 2) => (v === null || v === undefined) ? "-" : Number(v).toFixed(digits);
+const fmt = (v, digits = 2) => (v === null || v === undefined) ? "-"
+  : Number(v).toFixed(digits).replace(/^-(0\.0*)$/, "$1");  // no "-0.00"
 const pct = v => v > 0.995 && v < 1 ? ">99%" : v > 0 && v < 0.005 ? "<1%" : Math.round(100 * v) + "%";
 
 function intervalBar(item, lo, hi) {
