@@ -350,3 +350,23 @@ def test_a_port_in_use_is_one_line(grid):
         port = busy.getsockname()[1]
         result = CliRunner().invoke(app, ["judge", str(grid), "--port", str(port)])
     assert result.exit_code == 2 and f"--port {port}: cannot listen on 127.0.0.1:{port}" in result.output
+
+
+def test_several_grids_in_one_sitting(tmp_path):
+    four = write_fake_grid(tmp_path / "a" / "grid", checkpoints=("c1", "c2", "c3", "c4"))
+    three = write_fake_grid(tmp_path / "b" / "grid", checkpoints=("mix1", "mix2", "mix3"))
+    grids = load_grids([four, three])
+    assert [g.name for g in grids] == ["a/grid", "b/grid"]  # same folder name: the parent tells apart
+    judge = Judge(grids, seed=0)
+    shown = []
+    for _ in range(12):
+        pair = judge.next_pair()
+        shown.append(pair["grid"])
+        judge.vote({"grid": pair["grid"], "left": pair["left"]["index"], "right": pair["right"]["index"],
+                    "choice": "same"})  # fmt: skip
+    # The grid with fewer votes per pair goes next: 6 pairs against 3, so about 2 votes to 1.
+    assert shown.count("0") == 8 and shown.count("1") == 4
+    assert len(lines(four)) == 8 and len(lines(three)) == 4
+    assert {r["left"]["item"] for r in lines(three)} <= {"mix1", "mix2", "mix3"}
+    with pytest.raises(WorkbenchError, match="the same grid folder is given twice"):
+        load_grids([four, four])
