@@ -147,6 +147,10 @@ app.add_typer(merge_app, name="merge")
 
 app.command("grid")(friendly(grid))
 
+from workbench.judge.cli import judge  # noqa: E402
+
+app.command("judge")(friendly(judge))
+
 swap_app = typer.Typer(
     help="Swap components: the UNet of one checkpoint with the text encoder of another.",
     invoke_without_command=True,
