@@ -16,10 +16,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from workbench.errors import WorkbenchError
-from workbench.grids.axes import FLAGS, parse_axis_values, split_csv
+from workbench.grids.axes import FLAGS, kinds, parse_axis_values, split_csv
 from workbench.grids.plan import POSITIONS, GridRequest, Plan, make_plan
 
-KINDS_HELP = "checkpoint, prompt, seed, sr, cfg, steps or sampler"
+KINDS_HELP = ", ".join(kinds())
 
 
 def read_prompts(path: Path) -> list[str]:
@@ -42,26 +42,53 @@ def parse_size(text: str) -> tuple[int, int]:
     return width, int(m[2]) if m[2] else width
 
 
+def _vae_value(text: str) -> Path | None:
+    # A1111's "None" (and "Automatic", which falls back to it when no VAE shares the model's name)
+    # is the checkpoint's own VAE.
+    if text.strip().lower() in ("none", "automatic", "auto", ""):
+        return None
+    return Path(os.path.expanduser(text))
+
+
 def build_request(
     ckpts: str, prompts: Path, seeds: str, cfg: str, steps: str, sampler: str, size: str, negative: str,
-    sr: str | None, axes: dict[str, str | None],
+    sr: str | None, axes: dict[str, str | None], scheduler: str = "automatic", vae: str = "none",
+    clip_skip: str = "1", var_seeds: str = "-1", var_strength: str = "0", prompt_order: str | None = None,
+    notes: list[str] | None = None,
 ) -> GridRequest:  # fmt: skip
+    """The request from the flags' texts; notes about values A1111 would read otherwise go to `notes`."""
     width, height = parse_size(size)
     paths = [Path(os.path.expanduser(p)) for p in split_csv(ckpts)]
     if not paths:
         raise WorkbenchError(f"{FLAGS['checkpoint']}: give at least one checkpoint")
+    texts = {"seed": seeds, "cfg": cfg, "steps": steps, "sampler": sampler, "scheduler": scheduler,
+             "vae": vae, "clip_skip": clip_skip, "subseed": var_seeds,
+             "subseed_strength": var_strength}  # fmt: skip
+    if sr is not None:
+        texts["sr"] = sr
+
+    def values(kind: str) -> list:
+        return parse_axis_values(kind, texts[kind], notes)
+
     return GridRequest(
         checkpoints=paths,
         prompts=read_prompts(prompts),
-        seeds=parse_axis_values("seed", seeds),
-        cfgs=parse_axis_values("cfg", cfg),
-        steps=parse_axis_values("steps", steps),
-        samplers=parse_axis_values("sampler", sampler),
-        sr=parse_axis_values("sr", sr) if sr is not None else [],
+        seeds=values("seed"),
+        cfgs=values("cfg"),
+        steps=values("steps"),
+        samplers=values("sampler"),
+        sr=values("sr") if sr is not None else [],
         negative=negative,
         width=width,
         height=height,
         axes={p: k.strip().lower() for p, k in axes.items() if k},
+        schedulers=values("scheduler"),
+        vaes=[_vae_value(v) for v in values("vae")],
+        clip_skips=values("clip_skip"),
+        subseeds=values("subseed"),
+        subseed_strengths=values("subseed_strength"),
+        prompt_order=parse_axis_values("prompt_order", prompt_order, notes) if prompt_order else [],
+        texts={**texts, **({"prompt_order": prompt_order} if prompt_order else {})},
     )
 
 
@@ -116,8 +143,30 @@ def grid(
     sampler: str = typer.Option(
         "euler_a",
         "--sampler",
-        help="Sampler(s): euler, euler_a, dpm++2m, dpm++2m_karras, ddim, pndm, unipc, heun, lms, ... "
-        "(A1111 names work too).",
+        help="Sampler(s): euler, euler_a, dpm++2m, dpm++2m_sde, dpm2, dpm2_a, ddim, pndm, unipc, heun, lms "
+        '(A1111 names work too: "DPM++ 2M"; "DPM++ 2M Karras" names the schedule type as well).',
+    ),
+    scheduler: str = typer.Option(
+        "automatic", "--scheduler",
+        help="A1111 schedule type(s): automatic (the sampler's default: Karras for DPM++ 2M), uniform, "
+        "karras, exponential, sgm_uniform, beta, ddim.",
+    ),
+    vae: str = typer.Option(
+        "none", "--vae",
+        help="VAE(s): none (the checkpoint's own), a VAE file, or a checkpoint whose VAE is used.",
+    ),
+    clip_skip: str = typer.Option(
+        "1", "--clip-skip", help="A1111 clip skip(s): 1 = the last layer, 2 = penultimate."
+    ),
+    var_seeds: str = typer.Option(
+        "-1", "--var-seeds", help="Variation seed(s) (A1111's Var. seed); -1 = drawn once."
+    ),
+    var_strength: str = typer.Option(
+        "0", "--var-strength", help="Variation strength(s) 0..1 (A1111's Var. strength); 0 = off."
+    ),
+    prompt_order: str | None = typer.Option(
+        None, "--prompt-order",
+        help='Prompt order axis: "tok1,tok2,..." gives every order of these prompt parts.'
     ),
     size: str = typer.Option("512x512", "--size", help="Image size WIDTHxHEIGHT (multiples of 8)."),
     negative: str = typer.Option("", "--negative", help="Negative prompt for every cell."),
@@ -164,8 +213,12 @@ def grid(
         raise WorkbenchError("-o/--out: give the folder to write the grid to")
     if out_dir is not None and out_dir.exists() and not out_dir.is_dir():
         raise WorkbenchError(f"-o {out_dir}: exists and is not a folder")
+    notes: list[str] = []
     request = build_request(ckpts, prompts, seeds, cfg, steps, sampler, size, negative, sr,
-                            {"x": x, "y": y, "z": z})  # fmt: skip
+                            {"x": x, "y": y, "z": z}, scheduler, vae, clip_skip, var_seeds, var_strength,
+                            prompt_order, notes)  # fmt: skip
+    for note in notes:
+        out.print(f"note: {note}", highlight=False, markup=False)
     plan = make_plan(request, force=force)
     out.print(plan_table(plan))
     out.print(plan_summary(plan), highlight=False)
