@@ -217,9 +217,9 @@ def grid(
     request = build_request(ckpts, prompts, seeds, cfg, steps, sampler, size, negative, sr,
                             {"x": x, "y": y, "z": z}, scheduler, vae, clip_skip, var_seeds, var_strength,
                             prompt_order, notes)  # fmt: skip
-    for note in notes:
-        out.print(f"note: {note}", highlight=False, markup=False)
     plan = make_plan(request, force=force)
+    for note in notes:  # after the plan: a refused request prints its one error line and nothing else
+        out.print(f"note: {note}", highlight=False, markup=False, soft_wrap=True)
     out.print(plan_table(plan))
     out.print(plan_summary(plan), highlight=False)
     if dry_run:
