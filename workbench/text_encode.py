@@ -22,4 +22,5 @@ def encode_with_clip_skip(text_encoder, input_ids, clip_skip: int):
 
         raise WorkbenchError(f"clip skip {clip_skip}: the text encoder has only {layers} layers")
     out = text_encoder(input_ids, output_hidden_states=True)
-    return text_encoder.text_model.final_layer_norm(out.hidden_states[-clip_skip])
+    model = getattr(text_encoder, "text_model", text_encoder)  # transformers 5 dropped the .text_model level
+    return model.final_layer_norm(out.hidden_states[-clip_skip])
