@@ -282,6 +282,22 @@ def test_schedule_types_set_diffusers_options():
     assert not make_scheduler(resolve("euler"), TOY_SCHEDULER).config.use_karras_sigmas  # Euler: uniform
 
 
+def test_sigma_options_table_matches_diffusers():
+    import inspect
+
+    from diffusers import schedulers
+
+    from workbench.grids.samplers import _ALL
+
+    sigma = {"use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas"}
+    for sampler in _ALL:
+        if sampler.timesteps or sampler.key not in available():
+            continue
+        params = set(inspect.signature(getattr(schedulers, sampler.scheduler).__init__).parameters)
+        assert params & sigma == set(sampler.sigma_options), sampler.key
+        assert "timestep_spacing" in params, sampler.key
+
+
 def test_old_combined_names_still_work_and_conflicts_are_refused(tmp_path):
     ckpt = tmp_path / "m.safetensors"
     ckpt.write_bytes(b"x")

@@ -112,6 +112,8 @@ def plan_table(plan: Plan) -> Table:
     fixed = {
         "checkpoint": first.checkpoint_name, "prompt": _shorten(first.prompt), "seed": str(first.seed),
         "cfg": f"{first.cfg:g}", "steps": str(first.steps), "sampler": first.sampler,
+        "scheduler": first.scheduler, "vae": "none" if first.vae is None else str(first.vae),
+        "clip_skip": str(first.clip_skip), "subseed_strength": f"{first.subseed_strength:g}",
     }  # fmt: skip
     for kind, value in fixed.items():
         if kind not in on_axis:

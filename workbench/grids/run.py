@@ -17,7 +17,7 @@ from workbench import __version__
 from workbench.checkpoint.hashing import autov2, sha256_file
 from workbench.grids import layout, metrics, report
 from workbench.grids.infotext import cell_fields, grid_fields, subgrid_firsts
-from workbench.grids.plan import POSITIONS, Cell, Plan
+from workbench.grids.plan import POSITIONS, Cell, Plan, effective_schedule_label
 from workbench.grids.pnginfo import format_parameters, save_png
 from workbench.grids.render import Progress, RenderResult, render_cells
 from workbench.grids.samplers import resolve
@@ -114,6 +114,11 @@ def _grid_json(plan: Plan, hashes: dict[Path, tuple[str | None, str | None]], re
                 "cfg": c.cfg,
                 "steps": c.steps,
                 "sampler": resolve(c.sampler).display,
+                "schedule_type": effective_schedule_label(c),
+                "vae": None if c.vae is None else str(c.vae),
+                "clip_skip": c.clip_skip,
+                "variation_seed": c.subseed if c.subseed_strength else None,
+                "variation_strength": c.subseed_strength,
                 "size": [c.width, c.height],
                 "parameters": by_index[c.index].parameters,
                 "scores": {"burn": round(by_index[c.index].burn, 3), "clip": _round(by_index[c.index].clip)},

@@ -12,7 +12,6 @@ noise schedule and prediction type carry over.
 from __future__ import annotations
 
 import importlib.util
-import inspect
 from dataclasses import dataclass, field
 
 from workbench.errors import WorkbenchError
@@ -28,6 +27,9 @@ class Sampler:
     ancestral: bool = False  # draws fresh noise every step from the generator
     default_schedule: str | None = None  # A1111's "Automatic" for this sampler (None: uniform)
     timesteps: bool = False  # A1111 samples it on timesteps: its schedule type is ignored
+    # The sigma options its diffusers scheduler takes (checked against diffusers in the tests), so a
+    # plan can refuse a pair without importing diffusers.
+    sigma_options: frozenset = frozenset({"use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas"})
 
 
 @dataclass(frozen=True)
@@ -39,7 +41,8 @@ class Schedule:
 
 _ALL = (
     Sampler("euler", "Euler", "EulerDiscreteScheduler"),
-    Sampler("euler_a", "Euler a", "EulerAncestralDiscreteScheduler", ancestral=True),
+    Sampler("euler_a", "Euler a", "EulerAncestralDiscreteScheduler", ancestral=True,
+            sigma_options=frozenset()),  # fmt: skip
     Sampler("dpm++2m", "DPM++ 2M", "DPMSolverMultistepScheduler", default_schedule="karras"),
     Sampler("dpm++sde", "DPM++ SDE", "DPMSolverSDEScheduler", needs="torchsde", ancestral=True,
             default_schedule="karras"),  # fmt: skip
@@ -139,10 +142,7 @@ def scheduler_options(sampler: Sampler, schedule: Schedule) -> dict:
     effective = effective_schedule(sampler, schedule)
     if effective.key == "automatic":
         effective = resolve_schedule("uniform")
-    from diffusers import schedulers
-
-    accepted = inspect.signature(getattr(schedulers, sampler.scheduler).__init__).parameters
-    missing = [k for k in effective.options if k not in accepted]
+    missing = [k for k in effective.options if k != "timestep_spacing" and k not in sampler.sigma_options]
     if missing:
         raise WorkbenchError(
             f"--scheduler {effective.key}: diffusers' {sampler.scheduler} (sampler {sampler.display}) "
