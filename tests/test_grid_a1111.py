@@ -361,6 +361,24 @@ def test_prompt_axis_is_written_as_a_prompt_sr_over_whole_prompts(tmp_path):
     assert (line["X Type"], line["X Values"]) == ("Prompt S/R", 'a cat,"a dog, red"')
 
 
+def test_a_registered_kind_becomes_an_axis_and_reaches_every_cell(tmp_path):
+    from workbench.grids.axes import KIND_REGISTRY, AxisKind, register_kind
+
+    a = tmp_path / "a.safetensors"
+    a.write_bytes(b"x")
+    register_kind(AxisKind("test_weight", "--test-weight", "Test weight", "float", "Weight"))
+    try:
+        assert parse_axis_values("test_weight", "0.5-1 (+0.25)") == [0.5, 0.75, 1.0]
+        req = GridRequest(checkpoints=[a], prompts=["p"], seeds=[1], extra={"test_weight": [0.5, 1.0]})
+        plan = make_plan(req)
+        assert plan.axes["x"].kind == "test_weight" and plan.axes["x"].labels == ["Weight: 0.5", "Weight: 1"]
+        assert [c.extra for c in plan.cells] == [{"test_weight": 0.5}, {"test_weight": 1.0}]
+        line = grid_fields(plan, plan.cells[0], cell_fields(plan.cells[0], None), True)
+        assert line["X Type"] == "Test weight"
+    finally:
+        del KIND_REGISTRY["test_weight"]
+
+
 @pytest.mark.parametrize(
     "kw, message",
     [

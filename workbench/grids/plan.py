@@ -16,7 +16,7 @@ from pathlib import Path
 
 from workbench.errors import WorkbenchError
 from workbench.grids import layout
-from workbench.grids.axes import FLAGS, KIND_REGISTRY, Axis, checkpoint_names, format_number, kinds, label_for
+from workbench.grids.axes import KIND_REGISTRY, Axis, checkpoint_names, format_number, kinds, label_for
 from workbench.grids.samplers import effective_schedule, resolve_schedule, scheduler_options, split_sampler
 
 POSITIONS = ("x", "y", "z")
@@ -46,8 +46,13 @@ class GridRequest:
     subseed_strengths: list[float] = field(default_factory=lambda: [0.0])
     prompt_order: list[tuple[str, ...]] = field(default_factory=list)  # orders of tokens (permutations)
     texts: dict[str, str] = field(default_factory=dict)  # kind -> the text its values came from
+    # Values of kinds registered elsewhere (axes.register_kind): kind -> values; each cell gets its
+    # own in Cell.extra. A kind with no entry here has the single value None.
+    extra: dict[str, list] = field(default_factory=dict)
 
     def values(self, kind: str) -> list:
+        if kind in self.extra or kind not in _BUILT_IN:
+            return self.extra.get(kind, [None])
         return {
             "checkpoint": self.checkpoints,
             "prompt": self.prompts,
@@ -63,6 +68,12 @@ class GridRequest:
             "subseed_strength": self.subseed_strengths,
             "prompt_order": self.prompt_order,
         }[kind]
+
+
+_BUILT_IN = {
+    "checkpoint", "prompt", "seed", "sr", "cfg", "steps", "sampler", "scheduler", "vae", "clip_skip",
+    "subseed", "subseed_strength", "prompt_order",
+}  # fmt: skip
 
 
 @dataclass
@@ -86,6 +97,7 @@ class Cell:
     clip_skip: int = 1
     subseed: int = 0
     subseed_strength: float = 0.0
+    extra: dict = field(default_factory=dict)  # the values of registered kinds (GridRequest.extra)
 
     @property
     def file(self) -> str:
@@ -93,7 +105,8 @@ class Cell:
 
     def batch_key(self) -> tuple:
         """Cells with the same key can be sampled in one pipeline call."""
-        return (self.steps, self.cfg, self.sampler, self.scheduler, self.width, self.height)
+        extra = tuple((k, repr(v)) for k, v in sorted(self.extra.items()))
+        return (self.steps, self.cfg, self.sampler, self.scheduler, self.width, self.height, extra)
 
 
 @dataclass
@@ -149,7 +162,7 @@ def assign_axes(request: GridRequest) -> dict[str, str | None]:
         if placed[position] is None and varying:
             placed[position] = varying.pop(0)
     if varying:
-        flags = " and ".join(FLAGS[k] for k in varying)
+        flags = " and ".join(KIND_REGISTRY[k].flag for k in varying)
         raise WorkbenchError(
             f"{flags}: several values but no free axis (x, y and z are taken); give a single value "
             "or put it on an axis with --x/--y/--z"
@@ -303,7 +316,7 @@ def make_plan(
     seeds, drawn = resolve_seeds(request.seeds, rng)
     subseeds, _ = resolve_seeds(request.subseeds, rng, flag="--var-seeds")
     names = dict(zip(request.checkpoints, checkpoint_names(request.checkpoints), strict=True))
-    values = {kind: request.values(kind) for kind in kinds()}
+    values = {kind: request.values(kind) for kind in (*kinds(), *request.extra)}
     values.update(
         seed=seeds,
         subseed=subseeds,
@@ -362,6 +375,7 @@ def make_plan(
                         clip_skip=pick("clip_skip"),
                         subseed=pick("subseed"),
                         subseed_strength=pick("subseed_strength"),
+                        extra={k: pick(k) for k in request.extra},
                     )  # fmt: skip
                 )
     # The checkpoint order of the axis (or the one checkpoint) is the load order.
