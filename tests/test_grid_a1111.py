@@ -395,3 +395,44 @@ def test_bad_new_axis_values_name_their_flag(tmp_path, kw, message):
     a.write_bytes(b"x")
     with pytest.raises(WorkbenchError, match="^" + re.escape(message)):
         make_plan(GridRequest(checkpoints=[a], prompts=["p"], seeds=[1], **kw))
+
+
+CHILD = """
+import atexit, resource, runpy, sys, time
+start = time.perf_counter()
+def report():
+    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    sys.stderr.write(f"\\nWB-MEASURE {rss_kb} {time.perf_counter() - start:.3f}\\n")
+atexit.register(report)
+sys.argv = ["wb", *sys.argv[1:]]
+runpy.run_module("workbench.cli", run_name="__main__")
+"""
+
+
+def run_measured(files, *args):
+    """(exit code, output lines, peak RSS in MB, seconds) of `wb grid ... --dry-run` in a fresh process."""
+    import os
+    import subprocess
+    import sys
+
+    ckpt, prompts = files
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    argv = ["grid", "--ckpts", str(ckpt), "--prompts", str(prompts), *args, "--dry-run"]
+    cmd = [sys.executable, "-c", CHILD, *argv]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    measure = re.search(r"WB-MEASURE (\d+) ([\d.]+)", proc.stderr)
+    lines = (proc.stdout + proc.stderr.replace(measure[0], "")).strip().splitlines()
+    return proc.returncode, lines, int(measure[1]) / 1024, float(measure[2])
+
+
+def test_huge_axes_in_a_subprocess_one_line_bounded_memory_and_time(files):
+    # The baseline is the same command with one seed: wb's start-up (torch is imported by the CLI)
+    # is not what is measured; what the huge axis adds on top of it is.
+    code, _, base_rss, base_s = run_measured(files, "--seeds", "1")
+    assert code == 0
+    for flag, text in (("--seeds", "1-10 [100000000]"), ("--seeds", "1-1000000000"),
+                       ("--cfg", "1-2 (+0.00000001)")):  # fmt: skip
+        code, lines, rss, seconds = run_measured(files, flag, text)
+        assert code == 2 and len(lines) == 1 and lines[0].startswith("error:") and flag in lines[0], lines
+        # 10^8 seeds in a Python list would be several GB and take seconds.
+        assert rss - base_rss < 50 and seconds - base_s < 0.5, (flag, rss, base_rss, seconds, base_s)
