@@ -436,3 +436,27 @@ def test_huge_axes_in_a_subprocess_one_line_bounded_memory_and_time(files):
         assert code == 2 and len(lines) == 1 and lines[0].startswith("error:") and flag in lines[0], lines
         # 10^8 seeds in a Python list would be several GB and take seconds.
         assert rss - base_rss < 50 and seconds - base_s < 0.5, (flag, rss, base_rss, seconds, base_s)
+
+
+def test_size_axis_centres_smaller_cells_in_the_largest_box(tmp_path):
+    from PIL import Image
+
+    from workbench.grids import layout
+
+    a = tmp_path / "a.safetensors"
+    a.write_bytes(b"x")
+    plan = make_plan(GridRequest(checkpoints=[a], prompts=["p"], seeds=[1], sizes=[(64, 32), (32, 64)]))
+    assert plan.axes["x"].kind == "size" and plan.axes["x"].labels == ["Size: 64x32", "Size: 32x64"]
+    assert [(c.width, c.height) for c in plan.cells] == [(64, 32), (32, 64)]
+    geo = plan.geometry
+    assert (geo.cell_w, geo.cell_h) == (64, 64)
+    assert cell_fields(plan.cells[1], None)["Size"] == "32x64"
+    red, blue = Image.new("RGB", (64, 32), (255, 0, 0)), Image.new("RGB", (32, 64), (0, 0, 255))
+    canvas = layout.draw_grid({(0, 0, 0): red, (1, 0, 0): blue}, geo)
+    left, top, _, _ = geo.cell_box(0, 0, 0)
+    white = (255, 255, 255)
+    assert canvas.getpixel((left, top + 16)) == (255, 0, 0) and canvas.getpixel((left, top)) == white
+    left, top, _, _ = geo.cell_box(1, 0, 0)
+    assert canvas.getpixel((left + 16, top)) == (0, 0, 255) and canvas.getpixel((left, top)) == white
+    with pytest.raises(WorkbenchError, match=r"^--size 30x64: the width must be a multiple of 8"):
+        make_plan(GridRequest(checkpoints=[a], prompts=["p"], seeds=[1], sizes=[(64, 64), (30, 64)]))

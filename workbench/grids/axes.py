@@ -66,6 +66,7 @@ for _kind in (
     AxisKind("subseed", "--var-seeds", "Var. seed", "int", "Var. seed"),
     AxisKind("subseed_strength", "--var-strength", "Var. strength", "float", "Var. strength"),
     AxisKind("prompt_order", "--prompt-order", "Prompt order", "permutations"),
+    AxisKind("size", "--size", "Size", "str", "Size"),  # not an A1111 axis type: wb's own
 ):
     register_kind(_kind)
 

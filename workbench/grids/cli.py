@@ -57,13 +57,14 @@ def build_request(
     notes: list[str] | None = None,
 ) -> GridRequest:  # fmt: skip
     """The request from the flags' texts; notes about values A1111 would read otherwise go to `notes`."""
-    width, height = parse_size(size)
+    sizes = [parse_size(s) for s in split_csv(size)] or [parse_size(size)]
+    width, height = sizes[0]
     paths = [Path(os.path.expanduser(p)) for p in split_csv(ckpts)]
     if not paths:
         raise WorkbenchError(f"{FLAGS['checkpoint']}: give at least one checkpoint")
     texts = {"seed": seeds, "cfg": cfg, "steps": steps, "sampler": sampler, "scheduler": scheduler,
              "vae": vae, "clip_skip": clip_skip, "subseed": var_seeds,
-             "subseed_strength": var_strength}  # fmt: skip
+             "subseed_strength": var_strength, "size": size}  # fmt: skip
     if sr is not None:
         texts["sr"] = sr
 
@@ -88,6 +89,7 @@ def build_request(
         subseeds=values("subseed"),
         subseed_strengths=values("subseed_strength"),
         prompt_order=parse_axis_values("prompt_order", prompt_order, notes) if prompt_order else [],
+        sizes=sizes if len(sizes) > 1 else [],
         texts={**texts, **({"prompt_order": prompt_order} if prompt_order else {})},
     )
 
@@ -170,7 +172,9 @@ def grid(
         None, "--prompt-order",
         help='Prompt order axis: "tok1,tok2,..." gives every order of these prompt parts.'
     ),
-    size: str = typer.Option("512x512", "--size", help="Image size WIDTHxHEIGHT (multiples of 8)."),
+    size: str = typer.Option(
+        "512x512", "--size", help="Image size(s) WIDTHxHEIGHT (multiples of 8); several make a size axis."
+    ),
     negative: str = typer.Option("", "--negative", help="Negative prompt for every cell."),
     sr: str | None = typer.Option(
         None, "--sr", help='Prompt S/R: "search,rep1,rep2"; the first cell keeps the original prompt.'

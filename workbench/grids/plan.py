@@ -49,6 +49,7 @@ class GridRequest:
     # Values of kinds registered elsewhere (axes.register_kind): kind -> values; each cell gets its
     # own in Cell.extra. A kind with no entry here has the single value None.
     extra: dict[str, list] = field(default_factory=dict)
+    sizes: list[tuple[int, int]] = field(default_factory=list)  # several: a size axis (else width x height)
 
     def values(self, kind: str) -> list:
         if kind in self.extra or kind not in _BUILT_IN:
@@ -67,12 +68,13 @@ class GridRequest:
             "subseed": self.subseeds,
             "subseed_strength": self.subseed_strengths,
             "prompt_order": self.prompt_order,
+            "size": self.sizes or [(self.width, self.height)],
         }[kind]
 
 
 _BUILT_IN = {
     "checkpoint", "prompt", "seed", "sr", "cfg", "steps", "sampler", "scheduler", "vae", "clip_skip",
-    "subseed", "subseed_strength", "prompt_order",
+    "subseed", "subseed_strength", "prompt_order", "size",
 }  # fmt: skip
 
 
@@ -225,11 +227,10 @@ def _check_request(request: GridRequest) -> None:
     for vae in request.vaes:
         if vae is not None and not Path(vae).is_file():
             raise WorkbenchError(f"--vae {vae}: no such file")
-    for side, flag in ((request.width, "width"), (request.height, "height")):
-        if side < 8 or side % 8:
-            raise WorkbenchError(
-                f"--size {request.width}x{request.height}: the {flag} must be a multiple of 8"
-            )
+    for width, height in request.values("size"):
+        for side, flag in ((width, "width"), (height, "height")):
+            if side < 8 or side % 8:
+                raise WorkbenchError(f"--size {width}x{height}: the {flag} must be a multiple of 8")
     if request.sr:
         if len(request.sr) < 2:
             raise WorkbenchError(f"--sr {request.sr[0]!r}: give the search text and at least one replacement")
@@ -283,6 +284,8 @@ def axis_label(kind: str, value, names: dict) -> str:
         return label_for(kind, value, resolve_schedule(value).label)
     if kind == "vae":
         return label_for(kind, value, "None" if value is None else Path(value).name)
+    if kind == "size":
+        return label_for(kind, value, f"{value[0]}x{value[1]}")
     if kind == "subseed_strength":
         return label_for(kind, value, format_number(value))
     return label_for(kind, value)
@@ -303,8 +306,11 @@ def make_plan(
             f"the grid would have {cols * rows * subgrids:,} cells ({cols} x {rows} x {subgrids}), over the "
             f"limit of {MAX_CELLS:,}; use fewer values"
         )
+    # Cells of several sizes share the largest box; each image sits centred in it.
+    cell_w = max(w for w, _ in request.values("size"))
+    cell_h = max(h for _, h in request.values("size"))
     geo = layout.geometry(
-        cols, rows, subgrids, request.width, request.height,
+        cols, rows, subgrids, cell_w, cell_h,
         row_labels=placed["y"] is not None, col_labels=placed["x"] is not None,
         titles=placed["z"] is not None,
     )  # fmt: skip
@@ -368,8 +374,8 @@ def make_plan(
                         cfg=pick("cfg"),
                         steps=pick("steps"),
                         sampler=sampler,
-                        width=request.width,
-                        height=request.height,
+                        width=pick("size")[0],
+                        height=pick("size")[1],
                         scheduler=scheduler,
                         vae=pick("vae"),
                         clip_skip=pick("clip_skip"),
