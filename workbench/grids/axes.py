@@ -104,7 +104,10 @@ def split_csv(text: str) -> list[str]:
 
 
 def _int(text: str) -> int:
-    return int(text.replace(" ", ""))
+    digits = text.replace(" ", "")
+    if len(digits) > 100:  # Python refuses over 4,300 digits; no seed or count needs 100
+        raise ValueError(f"{_clip(text)!r} has {len(digits)} digits")
+    return int(digits)
 
 
 def _float(text: str) -> float:
@@ -114,11 +117,11 @@ def _float(text: str) -> float:
     return value
 
 
-def _check_count(item: str, count: int) -> None:
+def _check_count(item: str, count: float) -> None:
     if count > MAX_AXIS_VALUES:
-        raise ValueError(
-            f"range {item!r} gives {count:,} values, over the limit of {MAX_AXIS_VALUES:,} per axis"
-        )
+        shown = f"{count:,}" if count < 10**30 else "more than 10^30"
+        limit = f"over the limit of {MAX_AXIS_VALUES:,} per axis"
+        raise ValueError(f"range {_clip(item)!r} gives {shown} values, {limit}")
 
 
 def _show(values) -> str:
@@ -145,8 +148,8 @@ def _int_range(item: str, notes: list[str]) -> list[int] | None:
     step = a_step if m[3] else (1 if end >= start else -1)
     if (end - start) * step < 0:
         raise ValueError(f"range {item!r}: the step {m[3]} never reaches {end}")
-    ours = range(start, end + (1 if step > 0 else -1), step)  # a range: its length costs nothing
-    _check_count(item, len(ours))
+    _check_count(item, (end - start) // step + 1)  # counted before anything is made
+    ours = range(start, end + (1 if step > 0 else -1), step)
     theirs = range(start, end + 1, a_step)  # A1111: range(start, end + 1, step)
     if ours != theirs:
         notes.append(f"{item.strip()!r}: A1111 gives {_show(theirs)}; wb gives {_show(ours)} (end included)")
@@ -172,7 +175,10 @@ def _float_range(item: str, notes: list[str]) -> list[float] | None:
     step = a_step if m[3] else (1.0 if end >= start else -1.0)
     if (end - start) * step < 0:
         raise ValueError(f"range {item!r}: the step {m[3]} never reaches {m[2].strip()}")
-    count = math.floor((end - start) / step + 1e-9) + 1
+    ratio = (end - start) / step
+    if not math.isfinite(ratio) or ratio > MAX_AXIS_VALUES:
+        _check_count(item, math.inf if not math.isfinite(ratio) else int(ratio) + 1)
+    count = math.floor(ratio + 1e-9) + 1
     _check_count(item, count)
     ours = [round(start + i * step, 10) for i in range(count)]
     # A1111: np.arange(start, end + step, step); its length is computed before anything is made.

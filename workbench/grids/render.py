@@ -19,7 +19,7 @@ measures make a cell's pixels exactly independent of the batch on CPU (tests che
     computed row by row: a small-M GEMM's rounding depends on M; the other linears see
     batch x tokens rows, large enough for the kernel not to change;
   * the UNet never runs on a batch of one (oneDNN convolutions take another algorithm for N=1):
-    with CFG the batch is already 2 per cell; a lone cell without CFG is sampled twice.
+    with guidance the batch is already 2 per cell; a lone cell at CFG 1 is sampled twice.
 On CUDA, cuDNN/cuBLAS choose algorithms by batch size too and nothing here pins them: there, a
 cell's noise is batch-independent and its pixels are the same up to rounding.
 """
