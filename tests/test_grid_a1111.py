@@ -301,6 +301,11 @@ def test_sigma_options_table_matches_diffusers():
         assert "timestep_spacing" in params, sampler.key
 
 
+def test_a1111_sampler_aliases(tmp_path):
+    assert resolve("k_euler_a").key == "euler_a" and resolve("k_dpmpp_2m").key == "dpm++2m"
+    assert resolve("K_DPM_2_A").key == "dpm2_a"
+
+
 def test_old_combined_names_still_work_and_conflicts_are_refused(tmp_path):
     ckpt = tmp_path / "m.safetensors"
     ckpt.write_bytes(b"x")

@@ -16,7 +16,15 @@ from pathlib import Path
 
 from workbench.errors import WorkbenchError
 from workbench.grids import layout
-from workbench.grids.axes import KIND_REGISTRY, Axis, checkpoint_names, format_number, kinds, label_for
+from workbench.grids.axes import (
+    KIND_REGISTRY,
+    MAX_AXIS_VALUES,
+    Axis,
+    checkpoint_names,
+    format_number,
+    kinds,
+    label_for,
+)
 from workbench.grids.samplers import effective_schedule, resolve_schedule, scheduler_options, split_sampler
 
 POSITIONS = ("x", "y", "z")
@@ -212,6 +220,10 @@ def _check_request(request: GridRequest) -> None:
         seen.add(key)
     if not request.prompts:
         raise WorkbenchError("--prompts: no prompts (the file has no non-empty line)")
+    for flag, values in (("--prompts", request.prompts), ("--ckpts", request.checkpoints)):
+        if len(values) > MAX_AXIS_VALUES:
+            limit = f"over the limit of {MAX_AXIS_VALUES:,} per axis"
+            raise WorkbenchError(f"{flag}: {len(values):,} values, {limit}")
     for steps in request.steps:
         if steps < 1:
             raise WorkbenchError(f"--steps {steps}: must be at least 1")

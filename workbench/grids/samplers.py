@@ -30,6 +30,7 @@ class Sampler:
     # The sigma options its diffusers scheduler takes (checked against diffusers in the tests), so a
     # plan can refuse a pair without importing diffusers.
     sigma_options: frozenset = frozenset({"use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas"})
+    aliases: tuple[str, ...] = ()  # A1111's aliases (its API takes them too)
 
 
 @dataclass(frozen=True)
@@ -40,22 +41,24 @@ class Schedule:
 
 
 _ALL = (
-    Sampler("euler", "Euler", "EulerDiscreteScheduler"),
+    Sampler("euler", "Euler", "EulerDiscreteScheduler", aliases=("k_euler",)),
     Sampler("euler_a", "Euler a", "EulerAncestralDiscreteScheduler", ancestral=True,
-            sigma_options=frozenset()),  # fmt: skip
-    Sampler("dpm++2m", "DPM++ 2M", "DPMSolverMultistepScheduler", default_schedule="karras"),
+            sigma_options=frozenset(), aliases=("k_euler_a", "k_euler_ancestral")),  # fmt: skip
+    Sampler("dpm++2m", "DPM++ 2M", "DPMSolverMultistepScheduler", default_schedule="karras",
+            aliases=("k_dpmpp_2m",)),  # fmt: skip
     Sampler("dpm++sde", "DPM++ SDE", "DPMSolverSDEScheduler", needs="torchsde", ancestral=True,
             default_schedule="karras"),  # fmt: skip
     Sampler("dpm++2m_sde", "DPM++ 2M SDE", "DPMSolverMultistepScheduler",
             {"algorithm_type": "sde-dpmsolver++"}, ancestral=True,
             default_schedule="exponential"),  # fmt: skip
-    Sampler("dpm2", "DPM2", "KDPM2DiscreteScheduler", default_schedule="karras"),
-    Sampler("dpm2_a", "DPM2 a", "KDPM2AncestralDiscreteScheduler", ancestral=True, default_schedule="karras"),
+    Sampler("dpm2", "DPM2", "KDPM2DiscreteScheduler", default_schedule="karras", aliases=("k_dpm_2",)),
+    Sampler("dpm2_a", "DPM2 a", "KDPM2AncestralDiscreteScheduler", ancestral=True,
+            default_schedule="karras", aliases=("k_dpm_2_a",)),  # fmt: skip
     Sampler("ddim", "DDIM", "DDIMScheduler", timesteps=True),
     Sampler("pndm", "PLMS", "PNDMScheduler", {"skip_prk_steps": True}, timesteps=True),
     Sampler("unipc", "UniPC", "UniPCMultistepScheduler", timesteps=True),
-    Sampler("heun", "Heun", "HeunDiscreteScheduler"),
-    Sampler("lms", "LMS", "LMSDiscreteScheduler", needs="scipy"),
+    Sampler("heun", "Heun", "HeunDiscreteScheduler", aliases=("k_heun",)),
+    Sampler("lms", "LMS", "LMSDiscreteScheduler", needs="scipy", aliases=("k_lms",)),
 )
 
 # A1111's schedule types that diffusers can follow. Every one spaces the timesteps over the whole
@@ -98,7 +101,7 @@ def split_sampler(name: str) -> tuple[Sampler, Schedule | None]:
     """A sampler name and the schedule type it names, as A1111 splits "DPM++ 2M Karras"."""
     wanted = _normal(name)
     for s in _ALL:
-        if wanted in (s.key, _normal(s.display)):
+        if wanted in (s.key, _normal(s.display), *s.aliases):
             return _usable(s, name), None
     for schedule in SCHEDULES[1:]:
         for suffix in {schedule.key, _normal(schedule.label)}:
