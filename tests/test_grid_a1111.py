@@ -301,6 +301,16 @@ def test_sigma_options_table_matches_diffusers():
         assert "timestep_spacing" in params, sampler.key
 
 
+def test_automatic_vae_is_the_file_named_like_the_checkpoint(tmp_path):
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    for p in (a, b, tmp_path / "a.vae.safetensors"):
+        p.write_bytes(b"x")
+    plan = make_plan(GridRequest(checkpoints=[a, b], prompts=["p"], seeds=[1], vaes=["automatic"]))
+    assert [c.vae for c in plan.cells] == [tmp_path / "a.vae.safetensors", None]
+    assert cell_fields(plan.cells[0], None, "h")["VAE"] == "a.vae.safetensors"
+    assert "VAE" not in cell_fields(plan.cells[1], None)
+
+
 def test_a1111_sampler_aliases(tmp_path):
     assert resolve("k_euler_a").key == "euler_a" and resolve("k_dpmpp_2m").key == "dpm++2m"
     assert resolve("K_DPM_2_A").key == "dpm2_a"

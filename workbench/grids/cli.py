@@ -42,11 +42,13 @@ def parse_size(text: str) -> tuple[int, int]:
     return width, int(m[2]) if m[2] else width
 
 
-def _vae_value(text: str) -> Path | None:
-    # A1111's "None" (and "Automatic", which falls back to it when no VAE shares the model's name)
-    # is the checkpoint's own VAE.
-    if text.strip().lower() in ("none", "automatic", "auto", ""):
+def _vae_value(text: str) -> Path | str | None:
+    # A1111's "None" is the checkpoint's own VAE; "Automatic" a <stem>.vae.* file beside the
+    # checkpoint when there is one, else its own.
+    if text.strip().lower() in ("none", ""):
         return None
+    if text.strip().lower() in ("automatic", "auto"):
+        return "automatic"
     return Path(os.path.expanduser(text))
 
 
@@ -157,7 +159,8 @@ def grid(
     ),
     vae: str = typer.Option(
         "none", "--vae",
-        help="VAE(s): none (the checkpoint's own), a VAE file, or a checkpoint whose VAE is used.",
+        help="VAE(s): none (the checkpoint's own), automatic (a <stem>.vae.* beside the checkpoint), a VAE "
+        "file, or a checkpoint whose VAE is used.",
     ),
     clip_skip: str = typer.Option(
         "1", "--clip-skip", help="A1111 clip skip(s): 1 = the last layer, 2 = penultimate."

@@ -66,7 +66,8 @@ def axis_values_text(plan: Plan, position: str) -> str:
     if axis.kind == "checkpoint":
         return csv_row([model_name(p) for p in axis.values])
     if axis.kind == "vae":
-        return csv_row(["None" if v is None else Path(v).name for v in axis.values])
+        names = {None: "None", "automatic": "Automatic"}
+        return csv_row([names[v] if v in names else Path(v).name for v in axis.values])
     if axis.kind == "prompt_order":
         return csv_row(list(axis.values[0]))
     return csv_row([format_number(v) if isinstance(v, (int, float)) else str(v) for v in axis.values])

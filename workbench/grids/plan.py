@@ -48,7 +48,8 @@ class GridRequest:
     height: int = 512
     axes: dict[str, str] = field(default_factory=dict)  # explicit position -> kind, from --x/--y/--z
     schedulers: list[str] = field(default_factory=lambda: ["automatic"])
-    vaes: list[Path | None] = field(default_factory=lambda: [None])  # None: the checkpoint's own VAE
+    # None: the checkpoint's own VAE; "automatic": A1111's, a <stem>.vae.* file beside the checkpoint if any
+    vaes: list[Path | str | None] = field(default_factory=lambda: [None])
     clip_skips: list[int] = field(default_factory=lambda: [1])  # A1111 units: 1 = the last layer
     subseeds: list[int] = field(default_factory=lambda: [-1])  # variation seeds (-1: drawn once)
     subseed_strengths: list[float] = field(default_factory=lambda: [0.0])
@@ -237,7 +238,7 @@ def _check_request(request: GridRequest) -> None:
         if not 0 <= strength <= 1:
             raise WorkbenchError(f"--var-strength {strength:g}: must be between 0 and 1")
     for vae in request.vaes:
-        if vae is not None and not Path(vae).is_file():
+        if vae is not None and vae != AUTOMATIC_VAE and not Path(vae).is_file():
             raise WorkbenchError(f"--vae {vae}: no such file")
     for width, height in request.values("size"):
         for side, flag in ((width, "width"), (height, "height")):
@@ -262,6 +263,20 @@ def _check_request(request: GridRequest) -> None:
         split_sampler(name)
     for name in request.schedulers:
         resolve_schedule(name)
+
+
+AUTOMATIC_VAE = "automatic"
+VAE_SUFFIXES = (".vae.safetensors", ".vae.pt", ".vae.ckpt")
+
+
+def automatic_vae(checkpoint: Path) -> Path | None:
+    """A1111's "Automatic" VAE: a VAE file named like the checkpoint beside it, else its own (None)."""
+    stem = Path(checkpoint).with_suffix("") if Path(checkpoint).is_file() else Path(checkpoint)
+    for suffix in VAE_SUFFIXES:
+        candidate = stem.with_name(stem.name + suffix)
+        if candidate.is_file():
+            return candidate
+    return None
 
 
 def _apply_sr(text: str, search: str | None, value: str | None) -> str:
@@ -295,7 +310,8 @@ def axis_label(kind: str, value, names: dict) -> str:
     if kind == "scheduler":
         return label_for(kind, value, resolve_schedule(value).label)
     if kind == "vae":
-        return label_for(kind, value, "None" if value is None else Path(value).name)
+        shown = "None" if value is None else "Automatic" if value == AUTOMATIC_VAE else Path(value).name
+        return label_for(kind, value, shown)
     if kind == "size":
         return label_for(kind, value, f"{value[0]}x{value[1]}")
     if kind == "subseed_strength":
@@ -389,7 +405,7 @@ def make_plan(
                         width=pick("size")[0],
                         height=pick("size")[1],
                         scheduler=scheduler,
-                        vae=pick("vae"),
+                        vae=automatic_vae(ckpt) if pick("vae") == AUTOMATIC_VAE else pick("vae"),
                         clip_skip=pick("clip_skip"),
                         subseed=pick("subseed"),
                         subseed_strength=pick("subseed_strength"),
