@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import queue
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -88,6 +89,7 @@ class MergePlan:
     missing: dict[str, list[str]] = field(default_factory=dict)  # key -> inputs lacking it (A kept)
     dropped: dict[str, list[str]] = field(default_factory=dict)  # key -> inputs having it; not written
     partial: list[str] = field(default_factory=list)
+    discarded: list[str] = field(default_factory=list)  # keys matching the recipe's discard pattern
 
     @property
     def out_bytes(self) -> int:
@@ -169,6 +171,10 @@ def plan_merge(
     step_index = {s.name: i for i, s in enumerate(recipe.steps)}
     for key, a_info in base_src.ckpt.infos.items():
         plan.keys.append(_plan_key(key, a_info, plan, step_index, out_dtype, names, n_in))
+    if recipe.discard:
+        pattern = re.compile(recipe.discard)
+        plan.discarded = [k.key for k in plan.keys if pattern.search(k.key)]
+        plan.keys = [k for k in plan.keys if not pattern.search(k.key)]
     out_keys = base_src.ckpt.infos
     for src in sources.values():
         for key in src.ckpt.infos:
@@ -258,7 +264,7 @@ def _plan_key(
         if a is None:
             calls.append(None)
             continue
-        weight = step.weight(component, block)
+        weight = step.weight(component, block, key, recipe.vae_from == "merge")
         if weight is None or not a.is_float:
             calls.append(None)
             continue
@@ -288,6 +294,8 @@ def _plan_key(
         return KeyPlan(key, a_info, component, "int", plan.base)
     out = TensorInfo(out_dtype, a_info.shape)
     if not merged:
+        if recipe.vae_from == "merge":  # A1111 casts only the merged tensors; copies keep their dtype
+            out = TensorInfo(sources[source].ckpt.infos[key].dtype, a_info.shape)
         return KeyPlan(key, out, component, "copy", source)
     chunked = all(
         c is None or (s.spec.elementwise and c.partial is None)
