@@ -212,3 +212,24 @@ def test_cli_refusals(planted, tmp_path):
     line = one_error_line(["lora", "bake", base, f"{lora}", "-o", lora])
     assert "cannot be one of the inputs" in line
     assert list(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_the_shipped_photoreal_recipe(planted, tmp_path):
+    from pathlib import Path
+
+    d, base, lora, tuned = planted
+    dadapt = toy_init(tmp_path / "dadapt.safetensors", seed=5)
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "vodka_v4_photoreal.yaml"
+    out = tmp_path / "v4_photoreal.safetensors"
+    ok(["merge", "run", recipe, "-o", out, "--input", f"v4={base}", "--input", f"dadapt={dadapt}",
+        "--input", f"photoreal={lora}"])  # fmt: skip
+    got, v4, da, lf = load_file(out), load_file(base), load_file(dadapt), load_file(lora)
+    key = U + "output_blocks.0.1.transformer_blocks.0.attn2.to_v.weight"
+    n = "lora_unet_up_blocks_0_attentions_0_transformer_blocks_0_attn2_to_v"
+    want = (
+        0.5 * v4[key] + 0.5 * da[key] + 0.6 * 0.5 * (lf[f"{n}.lora_up.weight"] @ lf[f"{n}.lora_down.weight"])
+    )
+    assert got[key].dtype == torch.float16
+    torch.testing.assert_close(got[key].float(), want, rtol=1e-3, atol=1e-3)
+    vae = "first_stage_model.decoder.conv_in.weight"  # a weighted step passes A's VAE through
+    assert torch.equal(got[vae], v4[vae].half())
