@@ -125,7 +125,10 @@ def extract_command(
         None, "--alpha", help="alpha of linear modules (default: the rank, scale 1)."
     ),
     svd: str = typer.Option(
-        "exact", "--svd", help="exact (torch.linalg.svd) or randomized (torch.svd_lowrank)."
+        "auto",
+        "--svd",
+        help="exact (torch.linalg.svd), randomized (torch.svd_lowrank, 4 power iterations) or auto: "
+        "randomized where both sides of a module are at least 2 * (rank + 10), else exact.",
     ),
     clamp: float | None = typer.Option(
         None,
