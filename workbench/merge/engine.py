@@ -481,11 +481,11 @@ class _KeyEvaluator:
         """Chunk [lo, hi) of the node's value, flat (hi given), or the whole tensor shaped (hi None)."""
         i = self.step_index.get(node)
         if i is None:
-            if hi is None:
-                src = self.srcs[node][kp.key]
-                buf = scratch.take(src.numel()).view(src.shape)
-                buf.copy_(src)
-                return buf
+            if hi is None:  # the whole tensor, read (pread, not page faults) into a float32 buffer
+                info = self.srcs[node].infos[kp.key]
+                buf = scratch.take(info.numel)
+                self.readers[node].read(kp.key, 0, info.numel, buf, scratch)
+                return buf.view(info.shape)
             buf = scratch.take(hi - lo)
             self.readers[node].read(kp.key, lo, hi, buf, scratch)
             return buf
