@@ -1,6 +1,6 @@
 """Benchmark `wb lora bake` and `wb lora extract` on SD1.5-size checkpoints, side by side.
 
-    python bench/lora_bench.py [--dir DIR] [--reps 2] [--rank 64] [--parts bake,extract]
+    python bench/lora_bench.py [--dir DIR] [--reps 2] [--rank 64] [--parts bake,extract] [--cache warm,cold]
 
 Inputs: two random SD1.5-size fp16 checkpoints from bench/make_sd15.py (real keys and shapes) and a
 random rank-64 kohya LoRA for them (UNet transformer modules + text encoder, kohya's default set,
@@ -197,15 +197,35 @@ def fmt(values: list[float]) -> str:
     return f"{statistics.median(values):7.2f} ({min(values):6.2f})"
 
 
-def bench_bake(base: Path, lora: Path, folder: Path, reps: int) -> None:
+def prepare_cache(paths: list[Path], cache: str) -> None:
+    """warm: read the inputs once (they stay in the page cache); cold: evict them (posix_fadvise)."""
+    os.sync()
+    time.sleep(1.0)  # let writeback of the previous output finish
+    for p in paths:
+        if cache == "warm":
+            with open(p, "rb", buffering=0) as f:
+                while f.read(64 << 20):
+                    pass
+        else:
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def bench_bake(base: Path, lora: Path, folder: Path, reps: int, cache: str = "warm") -> None:
     rows: dict[str, list[dict]] = {"floor": [], "wb": [], "naive": []}
     for r in range(reps):
         for tool in ("floor", "wb"):
+            prepare_cache([base, lora], cache)
             rows[tool].append(measure([tool, base, lora, folder / f"bake_{tool}.safetensors"]))
         if r == 0:
+            prepare_cache([base, lora], cache)
             rows["naive"].append(measure(["naive", base, lora, folder / "bake_naive.safetensors"]))
     floor = [x["seconds"] for x in rows["floor"]]
-    print(f"\nbake: SD1.5-size fp16 base, rank-{lora.stem.split('_r')[-1]} LoRA at {STRENGTH}, fp16 output")
+    rank = lora.stem.split("_r")[-1]
+    print(f"\nbake ({cache} cache): SD1.5-size fp16 base, rank-{rank} LoRA at {STRENGTH}, fp16 output")
     print(f"{'tool':8} {'seconds: median (min)':>24} {'x floor':>8} {'peak RssAnon MB':>16}")
     for tool, runs in rows.items():
         secs = [x["seconds"] for x in runs]
@@ -247,6 +267,9 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=2, help="runs of floor and wb (naive runs once)")
     ap.add_argument("--rank", type=int, default=64)
     ap.add_argument("--parts", default="bake,extract")
+    ap.add_argument(
+        "--cache", default="warm", help="bake with inputs warm or cold in the page cache, or warm,cold"
+    )
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -261,7 +284,8 @@ def main() -> None:
         sha256_file(p)  # once, cached: wb records input hashes in the output's metadata
     parts = args.parts.split(",")
     if "bake" in parts:
-        bench_bake(base, lora, args.dir, args.reps)
+        for cache in args.cache.split(","):
+            bench_bake(base, lora, args.dir, args.reps, cache)
     if "extract" in parts:
         baked = args.dir / "bake_wb.safetensors"
         if not baked.exists():

@@ -135,6 +135,15 @@ def test_refusals_from_headers(toy, tmp_path):
         WorkbenchError, match=r"2 of 2 modules match nothing in .*base.safetensors \(lora_unet_down_blocks_7"
     ):
         bake(base, [LoraSpec(str(tmp_path / "none.safetensors"))], tmp_path / "o.safetensors")
+    # a NaN in a factor: refused naming the module, nothing written
+    nan = {k: v.clone() for k, v in sd.items() if "down_blocks_1_attentions_0_proj" in k}
+    nan["lora_unet_down_blocks_1_attentions_0_proj_out.lora_up.weight"][0, 0] = float("nan")
+    save_file(nan, tmp_path / "nan.safetensors")
+    with pytest.raises(
+        WorkbenchError,
+        match=r"module lora_unet_down_blocks_1_attentions_0_proj_out: .*lora_up.weight is not finite",
+    ):
+        bake(base, [LoraSpec(str(tmp_path / "nan.safetensors"))], tmp_path / "o.safetensors")
     assert not (tmp_path / "o.safetensors").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".o.safetensors")]
 

@@ -174,9 +174,14 @@ class LoraFile:
 
     def delta(self, module: LoraModule, shape: tuple[int, ...] | None = None) -> torch.Tensor:
         """The module's weight change (alpha/rank included, no strength) in float32, shaped to `shape`."""
+        import torch
+
         from workbench.lora import math as lm
 
         t = {role: self.tensor(module, role) for role in module.keys if role != "alpha"}
+        for role, factor in t.items():  # factors are small; a non-finite one spoils its rows
+            if factor.is_floating_point() and not bool(torch.isfinite(factor).all()):
+                raise WorkbenchError(f"{self.path}: module {module.name}: {module.keys[role]} is not finite")
         alpha = self.alpha(module)
         try:
             if module.kind == "lora":
