@@ -10,7 +10,7 @@ Bake, in one run, each tool in its own subprocess (peak memory is its own), outp
 - floor: read the base and the LoRA and write a file of the output's size with plain file I/O;
 - naive: load both files whole (safetensors load_file), W + m * (alpha/r) * up @ down in float32 per
   module, save_file;
-- wb: `workbench.lora.ops.bake` (the merge engine, 2 threads).
+- wb: `workbench.lora.ops.bake` (the merge engine; 2 threads compute, 1 writes).
 The outputs of naive and wb are compared key by key.
 
 Extract at rank 64 (UNet + TE, no conv), from two differences: "random" (tuned = another random
@@ -88,7 +88,7 @@ def child_naive(base: Path, lora: Path, out: Path) -> None:
 def child_wb(base: Path, lora: Path, out: Path) -> None:
     from workbench.lora.ops import LoraSpec, bake
 
-    bake(base, [LoraSpec(str(lora), STRENGTH)], out, dtype="fp16", threads=2)
+    bake(base, [LoraSpec(str(lora), STRENGTH)], out, dtype="fp16")  # default threads: 2 compute, 1 writes
 
 
 def child_extract(tuned: Path, base: Path, out: Path, method: str, rank: int, report: Path) -> None:

@@ -172,16 +172,36 @@ class LoraFile:
             return float(t.reshape(-1)[0].item())
         return module.alpha_hint
 
-    def delta(self, module: LoraModule, shape: tuple[int, ...] | None = None) -> torch.Tensor:
-        """The module's weight change (alpha/rank included, no strength) in float32, shaped to `shape`."""
+    def tensors(self, module: LoraModule) -> dict[str, torch.Tensor]:
+        """role -> tensor of a module (alpha excluded); refuses a non-finite one, naming it (the
+        factors are small to check, and a NaN in one spoils whole rows of the change)."""
         import torch
 
-        from workbench.lora import math as lm
-
         t = {role: self.tensor(module, role) for role in module.keys if role != "alpha"}
-        for role, factor in t.items():  # factors are small; a non-finite one spoils its rows
+        for role, factor in t.items():
             if factor.is_floating_point() and not bool(torch.isfinite(factor).all()):
                 raise WorkbenchError(f"{self.path}: module {module.name}: {module.keys[role]} is not finite")
+        return t
+
+    def factors(self, module: LoraModule) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """(up [out, r], down [r, in*kh*kw], scale alpha/r) in float32, for a plain LoRA module (no
+        Tucker mid): dW = scale * up @ down, flattened like the weight."""
+        import torch
+
+        from workbench.lora.math import scale_of
+
+        if module.kind != "lora" or "mid" in module.keys:
+            raise WorkbenchError(f"{self.path}: module {module.name} is {module.kind}, not a plain LoRA")
+        t = self.tensors(module)
+        up = t["up"].to(torch.float32).flatten(1)
+        down = t["down"].to(torch.float32).flatten(1)
+        return up, down, scale_of(self.alpha(module), module.rank)
+
+    def delta(self, module: LoraModule, shape: tuple[int, ...] | None = None) -> torch.Tensor:
+        """The module's weight change (alpha/rank included, no strength) in float32, shaped to `shape`."""
+        from workbench.lora import math as lm
+
+        t = self.tensors(module)
         alpha = self.alpha(module)
         try:
             if module.kind == "lora":

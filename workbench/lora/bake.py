@@ -58,22 +58,35 @@ class LoraBinding:
         low = LOW_PRECISION.get(out_dtype or "")
         before = weight.to(low) if low is not None else None
         unchanged = weight.numel()  # entries no module changes: all, minus each delta's nonzeros
-        for module, target in self.by_key[key]:
-            delta = self.lora.delta(module, target.shape)  # raises on non-finite factors, naming it
+        for module, target in self.by_key[key]:  # factors() / delta() refuse non-finite factors
+            part = weight[target.rows[0] : target.rows[1]] if target.rows is not None else weight
+            if module.kind == "lora" and "mid" not in module.keys and not target.transpose:
+                # fused: W += (strength * alpha / r) * up @ down, no delta tensor, one pass over W
+                up, down, scale = self.lora.factors(module)
+                part.view(part.shape[0], -1).addmm_(up, down, alpha=strength * scale)
+                if low is not None:
+                    unchanged -= _nonzero_product(up, down)
+                continue
+            delta = self.lora.delta(module, target.shape)
             if low is not None:
                 unchanged -= int(torch.count_nonzero(delta))
-            if target.rows is not None:
-                lo, hi = target.rows
-                weight[lo:hi].add_(delta, alpha=strength)
-            elif target.transpose:
+            if target.transpose:
                 weight.add_(delta.T, alpha=strength)
             else:
-                weight.add_(delta.reshape(weight.shape), alpha=strength)
+                part.add_(delta.reshape(part.shape), alpha=strength)
         if low is not None:
             same = int(torch.count_nonzero(weight.to(low) == before))
             with self._lock:
                 self.lost += max(0, same - unchanged)
                 self.touched += weight.numel() - unchanged
+
+
+def _nonzero_product(up: torch.Tensor, down: torch.Tensor) -> int:
+    """Entries of up @ down that are not zero: all but the rows of a zero row of up and the columns
+    of a zero column of down (exact but for sums that cancel to exactly 0, which have measure 0)."""
+    rows = int((up != 0).any(dim=1).sum())
+    cols = int((down != 0).any(dim=0).sum())
+    return rows * cols
 
 
 def bind_lora(

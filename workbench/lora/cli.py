@@ -75,7 +75,9 @@ def bake_command(
         1.0, "--unet-strength", help="Multiplies every LoRA's UNet strength."
     ),
     dtype: str = typer.Option("fp16", "--dtype", help="Output dtype: fp16, bf16 or fp32 (math is float32)."),
-    threads: int = typer.Option(2, "--threads", min=1, help="Threads, as in wb merge."),
+    threads: int = typer.Option(
+        3, "--threads", min=1, help="Threads: N - 1 compute keys (the LoRA products) while one writes."
+    ),
 ) -> None:
     """Bake LoRAs into a checkpoint: W' = W + m * (alpha/rank) * up @ down per module, in float32,
     streamed key by key through the merge engine. The recipe is recorded: `wb merge replay` re-runs it."""
