@@ -39,6 +39,8 @@ if TYPE_CHECKING:
     import torch
 
 KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
+# Key prefixes of single-file checkpoints (LDM layout): such a file is a model, not a LoRA.
+CHECKPOINT_PREFIXES = ("model.diffusion_model.", "cond_stage_model.", "conditioner.", "first_stage_model.")
 PEFT_PREFIXES = {"unet.": "lora_unet_", "text_encoder.": "lora_te_", "text_encoder_2.": "lora_te2_"}
 # kohya / LyCORIS tensor suffix -> role
 KOHYA_ROLES = {
@@ -259,8 +261,10 @@ def is_lora_file(path: str | os.PathLike) -> bool:
     keys = list(header.infos)
     if not keys:
         return False
-    if all(_KOHYA_KEY.fullmatch(k) for k in keys):
-        return True
+    if any(k.startswith(CHECKPOINT_PREFIXES) for k in keys):
+        return False  # a model (perhaps with a stray LoRA key): described as a checkpoint
+    if any(k.startswith(KOHYA_PREFIXES) for k in keys):
+        return True  # open_lora names any key that is not part of a module
     return all(_PEFT_KEY.fullmatch(k) or _PROCESSOR.fullmatch(k) for k in keys) and any(
         ("lora" in k) for k in keys
     )
