@@ -50,10 +50,12 @@ def _print_import_notes(imported, written: Path | None = None) -> None:
     that have no effect in wb (listed in full at the top of the written recipe)."""
     if imported is None:
         return
+    for component, text in getattr(imported, "schedules", {}).items():
+        err.print(f"{component}: {text}", highlight=False, soft_wrap=True)
     if imported.unsupported:
         listed = ", ".join(imported.unsupported)
         err.print(
-            f"[yellow]warning:[/] not imported (wb has no equivalent yet): {listed}",
+            f"[yellow]warning:[/] trained differently from EveryDream2 (wb cannot do it): {listed}",
             highlight=False,
             soft_wrap=True,
         )
