@@ -14,8 +14,8 @@ a log one); docs/lr_find.md has the why and how precise it is:
   everything after it are left out of the rest;
 - noise: sigma from the second differences of the losses (`noise_sigma`), independent of smoothing;
 - smoothing: a robust LOWESS (`lowess`): a local straight-line fit around each point (tricube weights
-  over its k nearest neighbours, k about a tenth of the points, at least 7), a point far from the
-  median of its five neighbours discounted. A local line is unbiased on a slope and at the ends of
+  over its k nearest neighbours, k about a tenth of the points, at least 7; 5 under 30 points), a
+  point far from the median of its five neighbours discounted. A local line is unbiased on a slope and at the ends of
   the range, where a moving average flattens the curve and an EMA lags (pushing every bound up);
 - the fall: from the highest smoothed point before the lowest one down to the lowest one. Within
   6 noise sigmas (more with fewer than 15 points) or 0.1% of the loss, there is no learning signal:
@@ -149,7 +149,7 @@ def analyze(
     """Read an LR range test: (lr, loss) points in the order they were measured, lr rising.
 
     `log`: whether the ramp was even in log lr (None: decide from the spacing of the lrs).
-    `window`: the smoother's neighbourhood in points (default: a tenth of them, at least 7)."""
+    `window`: the smoother's neighbourhood in points (default: a tenth of them, at least 7; 5 under 30)."""
     lr = np.asarray(lrs, dtype=float)
     y = np.asarray(losses, dtype=float)
     if lr.shape != y.shape or lr.ndim != 1:
@@ -205,7 +205,8 @@ def analyze(
         notes.append("losses measured at the same lr were averaged")
     x = np.log10(lr_u) if log else lr_u
     n = x.size
-    k = min(n, window or max(7, round(n / 10)))
+    # a tenth of the points, at least 7 (5 for a short test: a wide window cuts its corners)
+    k = min(n, window or max(7 if n >= 30 else 5, round(n / 10)))
     noise = noise_sigma(y_u)
     s = lowess(x, y_u, k, noise)
     finding.window, finding.noise = k, noise
