@@ -15,11 +15,13 @@ a log one); docs/lr_find.md has the why and how precise it is:
 - noise: sigma from the second differences of the losses (`noise_sigma`), independent of smoothing;
 - smoothing: a robust LOWESS (`lowess`): a local straight-line fit around each point (tricube weights
   over its k nearest neighbours, k about a tenth of the points, at least 7; 5 under 30 points), a
-  point far from the median of its five neighbours discounted. A local line is unbiased on a slope and at the ends of
-  the range, where a moving average flattens the curve and an EMA lags (pushing every bound up);
+  point far from the median of its five neighbours discounted. A local line is unbiased on a slope
+  and at the ends of the range, where a moving average flattens the curve and an EMA lags;
 - the fall: from the highest smoothed point before the lowest one down to the lowest one. Within
   6 noise sigmas (more with fewer than 15 points) or 0.1% of the loss, there is no learning signal:
   no numbers, a message;
+- a bound only where the data shows it: the loss beyond it flat within its noise (or turning up,
+  or diverging); else None, with "rerun with --lr-max X" (or --lr-min), and no midpoint;
 - lower and upper: the fall approximated by one straight line, fitted to the smoothed points from
   15% to 85% of it done, extended to the starting level (lower) and to the lowest level (upper),
   kept within the fall. For a fall that is straight between two knees this gives the knees, for an
