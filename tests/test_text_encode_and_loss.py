@@ -110,3 +110,35 @@ def test_each_component_clips_its_own_gradient_norm(tmp_path):
 
     unet, te = moved("model.diffusion_model."), moved("cond_stage_model.")
     assert te > 1e-4 and unet < 1e-3 * te, (unet, te)
+
+
+def test_kohya_pseudo_huber_and_smooth_l1_by_hand():
+    import math
+
+    class Sched:
+        alphas_cumprod = torch.tensor([0.8, 0.5, 0.2, 0.1])
+
+        class config:  # noqa: N801
+            num_train_timesteps = 4
+
+    pred = torch.tensor([0.5, -2.0]).view(1, 1, 1, 2).repeat(2, 1, 1, 1)
+    target = torch.zeros_like(pred)
+    t = torch.tensor([1, 3])
+    # constant: c = 0.1 x scale 2 = 0.2 for both examples
+    got = elementwise_loss(pred, target, t, "pseudo_huber", Sched, (0.1, "constant", 2.0))
+    want = [2 * 0.2 * (math.sqrt(d * d + 0.04) - 0.2) for d in (0.5, -2.0)]
+    assert got[0].flatten().tolist() == pytest.approx(want, rel=1e-6)
+    got = elementwise_loss(pred, target, t, "smooth_l1", Sched, (0.1, "constant", 2.0))
+    assert got[1].flatten().tolist() == pytest.approx([w / 0.2 for w in want], rel=1e-6)
+    # snr: c = (1 - 0.1) / (1 + sqrt((1 - a) / a))^2 + 0.1, a = alphas_cumprod[t]
+    for row, a in ((0, 0.5), (1, 0.1)):
+        c = 0.9 / (1 + math.sqrt((1 - a) / a)) ** 2 + 0.1
+        got = elementwise_loss(pred, target, t, "pseudo_huber", Sched, (0.1, "snr", 1.0))
+        want = [2 * c * (math.sqrt(d * d + c * c) - c) for d in (0.5, -2.0)]
+        assert got[row].flatten().tolist() == pytest.approx(want, rel=1e-6)
+    # exponential: c = scale x exp(ln(0.1) t / T)
+    c = math.exp(math.log(0.1) * 3 / 4)
+    got = elementwise_loss(pred, target, t, "smooth_l1", Sched, (0.1, "exponential", 1.0))
+    assert got[1].flatten().tolist() == pytest.approx(
+        [2 * (math.sqrt(d * d + c * c) - c) for d in (0.5, -2.0)]
+    )

@@ -423,8 +423,9 @@ def _batch_loss(
     timesteps = torch.randint(tr.timestep_min, tr.timestep_max + 1, (b,), generator=generator)
     ids = tokenize(models.tokenizer, batch["caption"], device)
     return denoising_loss(
-        models, latents, ids, noise.to(device, latents.dtype), timesteps.to(device), tr.min_snr_gamma, tr.loss
-    )
+        models, latents, ids, noise.to(device, latents.dtype), timesteps.to(device), tr.min_snr_gamma,
+        tr.loss, (tr.huber_c, tr.huber_schedule, tr.huber_scale),
+    )  # fmt: skip
 
 
 # --- setup helpers ------------------------------------------------------------------------------

@@ -322,10 +322,16 @@ class TrainingSection(Section):
     gradient_checkpointing: bool = False
     seed: int = 555
     clip_grad_norm: float | None = Field(None, gt=0, description="one norm over everything trained")
-    loss: Literal["mse", "huber", "mse_huber", "huber_mse"] = Field(
+    loss: Literal["mse", "huber", "mse_huber", "huber_mse", "pseudo_huber", "smooth_l1"] = Field(
         "mse",
-        description="huber: Huber (delta 1); mse_huber: MSE weighted t/1000 + Huber (1 - t/1000), as ED2",
+        description="huber: Huber (delta 1); mse_huber: MSE x t/1000 + Huber x (1 - t/1000), as EveryDream2; "
+        "pseudo_huber / smooth_l1: kohya's huber / smooth_l1 with huber_c",
     )
+    huber_c: float = Field(0.1, gt=0, description="pseudo_huber / smooth_l1 (kohya's): the threshold c")
+    huber_schedule: Literal["snr", "exponential", "constant"] = Field(
+        "snr", description="pseudo_huber / smooth_l1: how c varies with the timestep (kohya's)"
+    )
+    huber_scale: float = Field(1.0, gt=0, description="pseudo_huber / smooth_l1: exponential/constant scale")
     clip_skip: int = Field(
         1, ge=0, le=12, description="A1111 units: 1 (or 0) the last layer, 2 the penultimate"
     )
@@ -348,6 +354,9 @@ class TrainingSection(Section):
             raise ValueError("max_steps: set training.max_epochs or training.max_steps (or both)")
         if self.ema_decay is not None and self.ema_strength_target is not None:
             raise ValueError("ema_strength_target: set ema_decay or ema_strength_target, not both")
+        kohya = self.loss in ("pseudo_huber", "smooth_l1")
+        huber = ("huber_c", "huber_schedule", "huber_scale")
+        _only_when(self, huber, kohya, "only used by pseudo_huber/smooth_l1")
         if self.timestep_min > self.timestep_max:
             raise ValueError(f"timestep_min: {self.timestep_min} is above timestep_max {self.timestep_max}")
         return self
