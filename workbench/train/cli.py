@@ -50,10 +50,12 @@ def _print_import_notes(imported, written: Path | None = None) -> None:
     that have no effect in wb (listed in full at the top of the written recipe)."""
     if imported is None:
         return
+    for component, text in getattr(imported, "schedules", {}).items():
+        err.print(f"{component}: {text}", highlight=False, soft_wrap=True)
     if imported.unsupported:
         listed = ", ".join(imported.unsupported)
         err.print(
-            f"[yellow]warning:[/] not imported (wb has no equivalent yet): {listed}",
+            f"[yellow]warning:[/] trained differently from EveryDream2 (wb cannot do it): {listed}",
             highlight=False,
             soft_wrap=True,
         )
@@ -228,6 +230,7 @@ LR_FIND_HELP = {
     "from": "Analyze an existing run (its metrics.jsonl) instead of training.",
     "write_recipe": "Write the recipe with a constant lr at the suggestion (see --pick).",
     "pick": "The suggestion --write-recipe uses: midpoint (seed 003's), valley, steep or minimum.",
+    "force": "With --write-recipe: write it even when a bound was not seen (the range's edge stands in).",
 }
 
 
@@ -246,6 +249,7 @@ def lr_find(
         None, "--write-recipe", metavar="OUT.yaml", help=LR_FIND_HELP["write_recipe"]
     ),
     pick: str = typer.Option("midpoint", "--pick", help=LR_FIND_HELP["pick"]),
+    force: bool = typer.Option(False, "--force", help=LR_FIND_HELP["force"]),
 ) -> None:
     """LR range test: ramp the lr from --lr-min to --lr-max over a short run, evaluating the
     deterministic validation loss every --val-every steps, and find the bounds automatically.
@@ -306,16 +310,20 @@ def lr_find(
     seconds = time.time() - started
     out.print(f"wrote [bold]{paths['png']}[/], {paths['json'].name}, {paths['html'].name} ({seconds:.0f} s)")
     if write_recipe is not None:
-        if not finding.found:
-            raise WorkbenchError(f"--write-recipe {write_recipe}: nothing written: {finding.message}")
-        lr = finding.suggestion(pick)
+        if not finding.found and not force:
+            raise WorkbenchError(
+                f"--write-recipe {write_recipe}: nothing written: {finding.message} (or --force)"
+            )
+        lr, forced_note = finding.forced(pick) if force else (finding.suggestion(pick), "")
+        if forced_note:
+            err.print(f"[yellow]warning:[/] {forced_note}", highlight=False, soft_wrap=True)
         base = base if base is not None else lf.base_recipe_of(from_run)
         component = finding.component if finding.component in lf.COMPONENTS else "unet"
         written = lf.recipe_at(base, lr, component, str(write_recipe))
         shown, low, high = (lf.format_lr(v) for v in (lr, finding.lower, finding.upper))
         note = (
             f"written by wb lr-find from {recipe or from_run}: constant lr {shown} for {component}\n"
-            f"({pick}; lower {low}, upper {high})"
+            f"({pick}; lower {low}, upper {high}){'; ' + forced_note if forced_note else ''}"
         )
         path = lf.write_recipe(write_recipe, written, note)
         out.print(f"wrote [bold]{path}[/]: constant lr {shown} ({pick}) for {component}")
@@ -351,6 +359,8 @@ def _print_finding(finding, pick: str) -> None:
         meaning = MEANINGS[name]
         if name == "upper" and finding.upper_reason:
             meaning += f" ({finding.upper_reason})"
+        if name in ("lower", "upper") and value is None and finding.upper_reason:
+            shown = "not seen"
         table.add_row(label, shown, meaning)
     out.print(table)
     style = "bold" if finding.found else "bold yellow"

@@ -125,11 +125,12 @@ def with_repeats(examples: list[Example], seed: int) -> list[Example]:
 
 
 def split_examples(
-    examples: list[Example], proportion: float, seed: int
+    examples: list[Example], proportion: float, seed: int, round_up: bool = False
 ) -> tuple[list[Example], list[Example]]:
-    """(train, validation): disjoint, a fixed share `proportion` held out, chosen by `seed`."""
+    """(train, validation): disjoint, a fixed share `proportion` held out, chosen by `seed`
+    (round(n x proportion) of them; ceil with `round_up`, as EveryDream2 does)."""
     n = len(examples)
-    n_val = max(1, round(n * proportion))
+    n_val = max(1, math.ceil(n * proportion) if round_up else round(n * proportion))
     if n_val >= n:
         raise WorkbenchError(
             f"validation.split: {proportion} of {n} examples leaves nothing to train on; "
@@ -233,6 +234,10 @@ class CaptionedImages(torch.utils.data.Dataset):
             from workbench.train.buckets import bucket_sizes, nearest_bucket
 
             buckets = bucket_sizes(data.resolution, data.bucket_step, data.max_aspect)
+            if data.bucket_set == "ed2":
+                from workbench.train.ed2_buckets import ed2_buckets, nearest_ed2_bucket
+
+                buckets, nearest_bucket = ed2_buckets(data.resolution), nearest_ed2_bucket  # noqa: F811
             self.sizes = [
                 nearest_bucket(*upright_size(e.path), buckets) if e.path is not None else self.sizes[i]
                 for i, e in enumerate(examples)

@@ -140,8 +140,14 @@ def train(
     # --- the data: a fixed validation split, written beside the run -----------------------------
     examples = data.examples
     val = recipe.validation
-    if val.enabled:
-        train_examples, val_examples = split_examples(examples, val.split, val.seed)
+    if val.enabled and val.root:  # a folder of its own: the training data stays whole
+        train_examples = examples
+        val_examples = load_examples(recipe.data.model_copy(update={"root": val.root}))
+        stable_examples = (
+            stable_subset(train_examples, val.stabilize_split, val.seed) if val.stabilize_train else []
+        )
+    elif val.enabled:
+        train_examples, val_examples = split_examples(examples, val.split, val.seed, val.split_round_up)
         stable_examples = (
             stable_subset(train_examples, val.stabilize_split, val.seed) if val.stabilize_train else []
         )
@@ -193,7 +199,7 @@ def train(
     total_steps = min(tr.max_steps or math.inf, (tr.max_epochs or math.inf) * steps_per_epoch)
     total_steps = int(total_steps)
     schedulers = {
-        c: build_scheduler(o, recipe.schedule, total_steps)
+        c: build_scheduler(o, recipe.schedule.for_component(c), total_steps)
         if lr_factor is None
         else torch.optim.lr_scheduler.LambdaLR(o, lr_factor)
         for c, o in optimizers.items()
@@ -203,7 +209,9 @@ def train(
     if tr.ema_decay is not None or tr.ema_strength_target is not None:
         # EveryDream2's strength target: what is left of the starting weights' share at the end
         decay = tr.ema_decay or tr.ema_strength_target ** (tr.ema_every_n_steps / max(1, total_steps))
-        ema = ema_start(params, decay, tr.ema_every_n_steps, "cpu" if tr.ema_device == "cpu" else None)
+        ema = ema_start(
+            params, decay, tr.ema_every_n_steps, "cpu" if tr.ema_device == "cpu" else None, tr.ema_warmup
+        )
         if saved is not None:
             ema_load(ema, param_names(models, params), state_weights, saved.progress.ema_updates)
     del state_weights
@@ -225,6 +233,7 @@ def train(
     log = MetricsLog(run_dir, recipe.logging.tensorboard, after_step=resumed_at) if main else None
     state = RunState(recipe, run_dir, models, spec, base_metadata, accelerator, log, progress, total_steps)
     state.val_set, state.stable_set = val_set, stable_set  # what `evaluate` measures
+    state.steps_per_epoch = steps_per_epoch
     state.checkpointing, state.stop_when = checkpoints, stop_when
     state.optimizers, state.schedulers, state.trained_components = optimizers, schedulers, tuple(params)
     state.ema, state.param_names = ema, param_names(models, params)
@@ -279,6 +288,10 @@ def train(
                         accelerator.clip_grad_norm_(
                             [p for ps in params.values() for p in ps], tr.clip_grad_norm
                         )
+                    if accelerator.sync_gradients:  # each component's own norm (EveryDream2's way)
+                        for c, ps in params.items():
+                            if getattr(recipe, c).clip_grad_norm:
+                                accelerator.clip_grad_norm_(ps, getattr(recipe, c).clip_grad_norm)
                     for optimizer in optimizers.values():
                         optimizer.step()  # accelerate skips the step until the last micro-batch
                         optimizer.zero_grad(set_to_none=True)
@@ -418,8 +431,9 @@ def _batch_loss(
     timesteps = torch.randint(tr.timestep_min, tr.timestep_max + 1, (b,), generator=generator)
     ids = tokenize(models.tokenizer, batch["caption"], device)
     return denoising_loss(
-        models, latents, ids, noise.to(device, latents.dtype), timesteps.to(device), tr.min_snr_gamma
-    )
+        models, latents, ids, noise.to(device, latents.dtype), timesteps.to(device), tr.min_snr_gamma,
+        tr.loss, (tr.huber_c, tr.huber_schedule, tr.huber_scale),
+    )  # fmt: skip
 
 
 # --- setup helpers ------------------------------------------------------------------------------

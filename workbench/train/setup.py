@@ -109,6 +109,7 @@ def load_model(recipe: Recipe, run_dir: Path, device, resume: bool = False):
         tokenizer=clip_tokenizer("!" if spec.layout == "sd2" else "<|endoftext|>"),
         noise_scheduler=noise_scheduler_for(spec.configs["scheduler"]),
         scaling_factor=float(spec.configs["vae"].get("scaling_factor", 0.18215)),
+        clip_skip=recipe.training.clip_skip,
     )
     return base_path, models, spec, metadata
 
@@ -165,9 +166,7 @@ def record_resume(run_dir: Path, step: int, data: dict, accelerator) -> None:
 
 def param_names(models: Models, params: dict) -> dict[str, list[str]]:
     """The names of each component's trained parameters, in the order of `params`."""
-    return {
-        c: [n for n, p in getattr(models, c).named_parameters() if p.requires_grad] for c in params
-    }
+    return {c: [n for n, p in getattr(models, c).named_parameters() if p.requires_grad] for c in params}
 
 
 def check_resolution(data, configs: dict) -> None:
@@ -192,7 +191,11 @@ def set_trainable(models: Models, recipe: Recipe) -> dict[str, list[torch.nn.Par
         module.train(recipe.trains(component))
     if recipe.trains("text_encoder"):
         freeze_text_encoder(
-            models.text_encoder, te.unfreeze_last_n_layers, te.freeze_embeddings, te.freeze_final_layer_norm
+            models.text_encoder,
+            te.unfreeze_last_n_layers,
+            te.freeze_embeddings,
+            te.freeze_final_layer_norm,
+            te.freeze_first_n_layers,
         )
     params = {c: trainable(getattr(models, c)) for c in COMPONENTS if recipe.trains(c)}
     if "text_encoder" in params and not params["text_encoder"]:
