@@ -142,7 +142,7 @@ def train(
     val = recipe.validation
     if val.enabled and val.root:  # a folder of its own: the training data stays whole
         train_examples = examples
-        val_examples = load_examples(recipe.data.model_copy(update={"root": val.root}))
+        val_examples = read_data(recipe.data.model_copy(update={"root": val.root})).examples
         stable_examples = (
             stable_subset(train_examples, val.stabilize_split, val.seed) if val.stabilize_train else []
         )
