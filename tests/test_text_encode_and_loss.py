@@ -6,6 +6,7 @@ import copy
 import pytest
 import torch
 
+from workbench.errors import WorkbenchError
 from workbench.text_encode import encode_with_clip_skip
 from workbench.train.diffusion import elementwise_loss
 from workbench.train.ema import ema_start, ema_update
@@ -42,7 +43,7 @@ def test_clip_skip_2_is_the_model_without_its_last_layer(text_encoder):
         got = encode_with_clip_skip(text_encoder, ids, 2)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
     assert not torch.allclose(got, text_encoder(ids)[0])
-    with pytest.raises(ValueError, match="only"):
+    with pytest.raises(WorkbenchError, match="has only 5 layers"):
         encode_with_clip_skip(text_encoder, ids, 99)
 
 
