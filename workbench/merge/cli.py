@@ -81,7 +81,7 @@ def _dtype_opt(default: str | None = "fp16"):
 
 def _threads_opt():
     return typer.Option(
-        2, "--threads", min=1, help="Threads: N workers each read, compute and write keys (1: the calling thread alone)."
+        2, "--threads", min=1, help="Threads: N workers each read, compute and write keys (1: in turn)."
     )
 
 
