@@ -46,6 +46,8 @@ if TYPE_CHECKING:
 # (1 MiB of L2 per core, 8 MiB of shared L3 here) from the read to the write. 4x larger chunks
 # cost 20-40% more CPU time on an SD1.5 add-difference; 4x smaller ones pay Python per chunk.
 CHUNK = 1 << 18
+# Input bytes the kernel is asked to read ahead of the keys being merged (see _Prefetch).
+PREFETCH = 64 << 20
 POSITION_IDS = "embeddings.position_ids"
 
 Progress = Callable[[int, int], None]
@@ -522,6 +524,48 @@ class _KeyEvaluator:
         return full
 
 
+class _Prefetch:
+    """Asks the kernel to read the input bytes of the next keys (posix_fadvise WILLNEED) about
+    PREFETCH bytes ahead of the workers. Two workers reading alternate keys of one file look like
+    random reads to the kernel's readahead, which then reads small pieces: with a cold page cache
+    that made a merge twice as slow as reading the files straight through. With a warm cache the
+    advice finds every page present and costs microseconds."""
+
+    def __init__(self, plan: MergePlan, ev: _KeyEvaluator):
+        self.ranges: list[list[tuple[int, int, int]]] = []
+        self.ends: list[int] = []  # input bytes of keys [0, i]
+        total = 0
+        for kp in plan.keys:
+            names = [kp.source] if kp.how != "merge" else list(ev.readers)
+            rows = []
+            for name in names:
+                reader = ev.readers[name]
+                span = reader.offsets.get(kp.key) if reader.fd is not None else None
+                if span is not None and plan.sources[name].lora is None:
+                    rows.append((reader.fd, span[0], span[1] - span[0]))
+                    total += span[1] - span[0]
+            self.ranges.append(rows)
+            self.ends.append(total)
+        self.issued = 0  # keys [0, issued) have been advised
+        self.lock = threading.Lock()
+
+    def advance(self, taken: int) -> None:
+        """Key `taken` is being read now: advise the keys up to PREFETCH bytes past its end."""
+        with self.lock:
+            start = self.issued
+            stop = start
+            limit = self.ends[taken] + PREFETCH
+            while stop < len(self.ranges) and (stop <= taken or self.ends[stop] <= limit):
+                stop += 1
+            self.issued = stop
+        for rows in self.ranges[start:stop]:
+            for fd, offset, nbytes in rows:
+                try:
+                    os.posix_fadvise(fd, offset, nbytes, os.POSIX_FADV_WILLNEED)
+                except OSError:
+                    return  # advice only; the reads themselves still work
+
+
 def _emit(
     kp: KeyPlan,
     ev: _KeyEvaluator,
@@ -553,12 +597,15 @@ def _emit(
         return
     reader = ev.readers[kp.source]
     if kp.how == "position_ids":
-        src = ev.srcs[kp.source][kp.key]
+        if reader.fd is not None:
+            src = reader.raw(kp.key, 0, n, scratch)
+        else:
+            src = _flat(ev.srcs[kp.source][kp.key])
         want = torch.arange(n, dtype=torch.int64)
-        if src.dtype != torch.int64 or not torch.equal(_flat(src), want):
+        if src.dtype != torch.int64 or not torch.equal(src, want):
             reset.append(kp.key)  # a float or shuffled position_ids breaks the text encoder
-            src = want.view(kp.out.shape)
-        writer.write(kp.key, src)
+            src = want
+        writer.write(kp.key, src.view(kp.out.shape))
         return
     info = ev.srcs[kp.source].infos[kp.key]
     if reader.fd is None:  # a pickle or a diffusers folder: through the mapping
@@ -645,9 +692,10 @@ _DONE = object()
 def _sequential(
     plan: MergePlan, ev: _KeyEvaluator, writer: SafetensorsWriter, progress: Progress | None, reset: list[str]
 ) -> None:
-    scratch, never = _Scratch(), threading.Event()
+    scratch, never, prefetch = _Scratch(), threading.Event(), _Prefetch(plan, ev)
     done = 0
-    for kp in plan.keys:
+    for i, kp in enumerate(plan.keys):
+        prefetch.advance(i)
         _emit(kp, ev, scratch, writer, never, reset)
         done += kp.out.nbytes
         if progress is not None:
@@ -667,12 +715,16 @@ def _pipeline(
     worker is stopped before returning, so the writer never closes its file under a thread using it."""
     cancel = threading.Event()
     finished: queue.Queue = queue.Queue()
-    keys = iter(plan.keys)
+    keys = iter(enumerate(plan.keys))
     keys_lock = threading.Lock()
+    prefetch = _Prefetch(plan, ev)
 
     def next_key() -> KeyPlan | None:
         with keys_lock:
-            return next(keys, None)
+            i, kp = next(keys, (-1, None))
+        if kp is not None:
+            prefetch.advance(i)
+        return kp
 
     def work() -> None:
         scratch = _Scratch()
