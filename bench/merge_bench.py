@@ -169,13 +169,17 @@ def run_child(tool: str, method: str, inputs: list[Path], out: Path) -> None:
     sys.path.insert(0, str(ROOT))
     for module in IMPORTS[tool]:
         importlib.import_module(module)
-    t = time.perf_counter()
+    import resource
+
+    r0, t = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
     CHILDREN[tool](method, inputs, out)
     seconds = time.perf_counter() - t
+    r1 = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = {"user_s": r1.ru_utime - r0.ru_utime, "sys_s": r1.ru_stime - r0.ru_stime}
     status = dict(
         line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line
     )
-    print(json.dumps({"seconds": seconds, "vmhwm_kb": int(status["VmHWM"].split()[0])}))
+    print(json.dumps({"seconds": seconds, "vmhwm_kb": int(status["VmHWM"].split()[0]), **cpu}))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -393,22 +397,22 @@ def main() -> None:
                         read_into_cache(ins)
                     r = measure(python, tool, method, ins, out)
                     results.setdefault((mode, method, tool), []).append(r)
-                    print(
-                        f"  {mode} {method:8s} {tool:8s} rep {rep + 1}: "
-                        + (
-                            r["error"]
-                            if "error" in r
-                            else f"{r['seconds']:.2f} s, RssAnon {r['rss_anon_kb'] / 1024:.0f} MiB, VmHWM "
-                            f"{r['vmhwm_kb'] / 1024:.0f} MiB (load {_load()})"
-                        ),
-                        flush=True,
-                    )
+                    print(f"  {mode} {method:8s} {tool:8s} rep {rep + 1}: {_run_line(r)}", flush=True)
                     if "error" not in r and (method, tool) not in checks and tool in args.check.split(","):
                         checks[(method, tool)] = verify(method, ins, out)
                     out.unlink(missing_ok=True)
     print(f"load average at the end: {_load()}")
     for mode in modes:
         _table(mode, methods, tools, results, checks, args)
+
+
+def _run_line(r: dict) -> str:
+    if "error" in r:
+        return r["error"]
+    return (
+        f"{r['seconds']:.2f} s (CPU user {r['user_s']:.2f} s, sys {r['sys_s']:.2f} s), RssAnon "
+        f"{r['rss_anon_kb'] / 1024:.0f} MiB, VmHWM {r['vmhwm_kb'] / 1024:.0f} MiB (load {_load()})"
+    )
 
 
 def _table(mode: str, methods: list[str], tools: list[str], results, checks, args) -> None:
@@ -418,7 +422,7 @@ def _table(mode: str, methods: list[str], tools: list[str], results, checks, arg
         "naive and sd-mecha); memory: worst run"
     )
     head = (
-        f"{'method':9s} {'tool':9s} {'wall s':>15s} {'RssAnon MiB':>12s} {'VmHWM MiB':>10s}  "
+        f"{'method':9s} {'tool':9s} {'wall s':>15s} {'CPU s':>6s} {'RssAnon MiB':>12s} {'VmHWM MiB':>10s}  "
         f"{'x floor':>7s}  {'check vs fp32 reference'}"
     )
     print(head)
@@ -443,7 +447,10 @@ def _table(mode: str, methods: list[str], tools: list[str], results, checks, arg
                 f"position_ids {c['position_ids']}"
             )
             ratio = f"{best[tool] / best['floor']:.2f}" if "floor" in best else "-"
-            print(f"{method:9s} {tool:9s} {_fmt(secs):>15s} {anon:12.0f} {hwm:10.0f}  {ratio:>7s}  {check}")
+            fastest = min(runs, key=lambda r: r["seconds"])
+            cpu = fastest["user_s"] + fastest["sys_s"]  # user + sys of the fastest run
+            row = f"{method:9s} {tool:9s} {_fmt(secs):>15s} {cpu:6.1f} {anon:12.0f} {hwm:10.0f}"
+            print(f"{row}  {ratio:>7s}  {check}")
         if "wb" in best:
             parts = [
                 f"wb/floor {best['wb'] / best['floor']:.2f} (fastest runs)" if "floor" in best else None,
