@@ -189,6 +189,7 @@ class CaptionedImages(torch.utils.data.Dataset):
         self.shuffle_tags = data.shuffle_tags and augment
         self.seed = seed
         self.epoch = 0
+        self.latents = None  # a latent_cache.LatentCache: items carry cached latents, not pixels
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -205,20 +206,25 @@ class CaptionedImages(torch.utils.data.Dataset):
         assert example.path is not None
         return np.array(load_image(example.path, self.sizes[index]))  # a writable copy for torch
 
+    def pixels(self, index: int) -> torch.Tensor:
+        """The example's image as a float tensor (3, H, W) in [-1, 1], unaugmented."""
+        array = np.ascontiguousarray(self.image(index))
+        return torch.from_numpy(array).permute(2, 0, 1).float() / 127.5 - 1
+
     def __getitem__(self, index: int) -> dict:
         example = self.examples[index]
-        array = np.ascontiguousarray(self.image(index))
-        pixels = torch.from_numpy(array).permute(2, 0, 1).float() / 127.5 - 1
-        caption = example.caption
+        caption, flip = example.caption, False
         if self.flip_p or self.cond_dropout or self.shuffle_tags:
             rng = np.random.default_rng([self.seed, self.epoch, index])
-            if rng.random() < self.flip_p:
-                pixels = pixels.flip(-1)
+            flip = rng.random() < self.flip_p
             if self.shuffle_tags:
                 caption = _shuffle_tags(caption, rng)
             if rng.random() < self.cond_dropout:
                 caption = ""
-        return {"pixels": pixels, "caption": caption}
+        if self.latents is not None:  # the VAE's mean and std of this image (flipped or not)
+            return {**self.latents.lookup(index, bool(flip)), "caption": caption}
+        pixels = self.pixels(index)
+        return {"pixels": pixels.flip(-1) if flip else pixels, "caption": caption}
 
 
 def _shuffle_tags(caption: str, rng: np.random.Generator) -> str:
@@ -263,4 +269,6 @@ class EpochSampler(torch.utils.data.Sampler):
 
 
 def collate(items: list[dict]) -> dict:
-    return {"pixels": torch.stack([i["pixels"] for i in items]), "caption": [i["caption"] for i in items]}
+    """Stack the tensors (pixels, or cached latent_mean and latent_std), list the captions."""
+    tensors = {k: torch.stack([i[k] for i in items]) for k in items[0] if k != "caption"}
+    return {**tensors, "caption": [i["caption"] for i in items]}

@@ -91,6 +91,9 @@ class DataSection(Section):
     cond_dropout: float = Field(0.0, ge=0, le=1, description="chance a caption is replaced by ''")
     shuffle_tags: bool = Field(False, description="shuffle comma-separated tags after the first")
     workers: int = Field(0, ge=0, description="DataLoader worker processes decoding images")
+    cache_latents: Literal["off", "memory", "disk"] = Field(
+        "off", description="encode each image with the VAE once (see docs/train.md): memory or disk"
+    )
 
     @model_validator(mode="after")
     def _toy_only(self):
