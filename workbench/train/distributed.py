@@ -16,9 +16,10 @@ processes with batch B train exactly like one process with batch N x B:
   on whichever process it lands, and as in the 1-process run.
 
 `launch(fn, args, processes)` starts the processes (torch.multiprocessing with accelerate's
-`PrepareForLaunch`, the machinery of accelerate's notebook launcher, with "spawn": fresh
-interpreters). `accelerate launch --multi_gpu --num_processes N -m workbench.cli train ...` and
-`torchrun` work as well; `wb train --processes N` is the short way.
+`PrepareForLaunch`, the machinery of accelerate's notebook and debug launchers): `wb train
+--processes N` forks CPU processes and spawns GPU ones (fresh interpreters, as CUDA needs).
+`accelerate launch --multi_gpu --num_processes N -m workbench.cli train ...` and `torchrun` work
+as well (see docs/train.md).
 """
 
 from __future__ import annotations
@@ -205,6 +206,9 @@ def _worker(fn, args, queue, report_progress):
     # A terminal's Ctrl-C goes to the launcher only, which passes it on once: otherwise every
     # process would get it twice (from the terminal and from the launcher), a "second" Ctrl-C.
     os.setpgrp()
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)  # a forked copy of a 1-process state
     rank = int(os.environ["RANK"])
     progress = (lambda p: queue.put(("progress", p))) if rank == 0 and report_progress else None
     try:
@@ -227,13 +231,15 @@ def launch(
     cpu: bool = True,
     progress: Callable | None = None,
     timeout: float | None = None,
+    start_method: str = "spawn",
 ):
     """Run fn(*args, progress=...) in `processes` fresh processes (a distributed group: gloo on CPU,
     NCCL on GPUs) and return what process 0's call returned. `progress` (here, in the launcher)
     gets what process 0 reports. Ctrl-C is passed on to every process (the first asks the run to
     save and stop, the second stops it at once). A WorkbenchError in a process is raised here; a
     process that dies ends the others; past `timeout` seconds all are ended and WorkbenchError
-    raised."""
+    raised. `start_method` "spawn" starts fresh interpreters (safe with CUDA, slower to start);
+    "fork" (accelerate's debug launcher's way, CPU only) copies this process."""
     import multiprocessing as mp
     import threading
 
@@ -242,7 +248,7 @@ def launch(
 
     if processes < 2:
         raise WorkbenchError(f"--processes: {processes}: launch needs 2 or more (1 runs in this process)")
-    queue = mp.get_context("spawn").SimpleQueue()
+    queue = mp.get_context(start_method).SimpleQueue()
     distributed = "MULTI_CPU" if cpu else "MULTI_GPU"
     env = {"world_size": processes, "master_addr": "127.0.0.1", "master_port": str(_free_port()),
            "nproc": processes, "accelerate_use_cpu": "yes" if cpu else "no"}  # fmt: skip
@@ -269,7 +275,7 @@ def launch(
             PrepareForLaunch(_worker, distributed_type=distributed),
             args=(fn, args, queue, progress is not None),
             nprocs=processes,
-            start_method="spawn",
+            start_method=start_method,
             join=False,
         )
     pids = context.pids()
