@@ -135,9 +135,11 @@ def fingerprint(examples: list[Example]) -> dict:
     return {"examples": len(examples), "sha256": h.hexdigest()}
 
 
-def load_image(path: Path, size: int | tuple[int, int]) -> Image.Image:
+def load_image(
+    path: Path, size: int | tuple[int, int], crop: tuple[float, float] | None = None
+) -> Image.Image:
     """The image upright, resized to cover `size` (width, height; an int is a square) and
-    center-cropped to it."""
+    center-cropped to it; `crop` (x, y in [0, 1)) places the crop instead (data.random_crop)."""
     width, height = (size, size) if isinstance(size, int) else size
     try:
         with Image.open(path) as im:
@@ -150,6 +152,8 @@ def load_image(path: Path, size: int | tuple[int, int]) -> Image.Image:
         im = im.resize((max(width, round(w * scale)), max(height, round(h * scale))), Image.BICUBIC)
     w, h = im.size
     left, top = (w - width) // 2, (h - height) // 2
+    if crop is not None:
+        left, top = int((w - width + 1) * crop[0]), int((h - height + 1) * crop[1])
     return im.crop((left, top, left + width, top + height))
 
 
@@ -187,6 +191,7 @@ class CaptionedImages(torch.utils.data.Dataset):
         self.flip_p = data.flip_p if augment else 0.0
         self.cond_dropout = data.cond_dropout if augment else 0.0
         self.shuffle_tags = data.shuffle_tags and augment
+        self.random_crop = data.random_crop and augment
         self.seed = seed
         self.epoch = 0
         self.latents = None  # a latent_cache.LatentCache: items carry cached latents, not pixels
@@ -204,7 +209,10 @@ class CaptionedImages(torch.utils.data.Dataset):
 
             return render_array(example.spec, self.resolution)
         assert example.path is not None
-        return np.array(load_image(example.path, self.sizes[index]))  # a writable copy for torch
+        crop = None
+        if self.random_crop:  # its own generator: the flip and caption draws stay as they were
+            crop = tuple(np.random.default_rng([self.seed, self.epoch, index, 1]).random(2))
+        return np.array(load_image(example.path, self.sizes[index], crop))  # a writable copy for torch
 
     def pixels(self, index: int) -> torch.Tensor:
         """The example's image as a float tensor (3, H, W) in [-1, 1], unaugmented."""

@@ -91,6 +91,7 @@ class DataSection(Section):
     cond_dropout: float = Field(0.0, ge=0, le=1, description="chance a caption is replaced by ''")
     shuffle_tags: bool = Field(False, description="shuffle comma-separated tags after the first")
     workers: int = Field(0, ge=0, description="DataLoader worker processes decoding images")
+    random_crop: bool = Field(False, description="crop at a random place, not the center, each visit")
     cache_latents: Literal["off", "memory", "disk"] = Field(
         "off", description="encode each image with the VAE once (see docs/train.md): memory or disk"
     )
@@ -99,6 +100,13 @@ class DataSection(Section):
     def _toy_only(self):
         _only_when(self, ("toy",), self.root == TOY_DATA, f"only used with root {TOY_DATA}")
         _only_when(self, ("bucket_step", "max_aspect"), self.aspect_buckets, "only used with aspect_buckets")
+        if self.random_crop and self.root == TOY_DATA:
+            raise ValueError(f"random_crop: {TOY_DATA} images are drawn at the training size, uncropped")
+        if self.random_crop and self.cache_latents != "off":
+            raise ValueError(
+                f"cache_latents: {self.cache_latents} caches one crop of each image, but random_crop "
+                "takes a new one at every visit; set data.cache_latents: off or data.random_crop: false"
+            )
         if self.aspect_buckets and self.root == TOY_DATA:
             raise ValueError(f"aspect_buckets: {TOY_DATA} images are all square")
         if self.aspect_buckets and self.resolution % self.bucket_step:
