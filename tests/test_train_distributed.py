@@ -7,6 +7,7 @@ fails the test instead of the CI job. On CPU the processes are forked from this 
 debug launcher's way), which starts them in a second.
 """
 
+import contextlib
 import json
 import os
 import signal
@@ -113,6 +114,22 @@ def logged(run):
     return [{k: v for k, v in m.items() if k != "time"} for m in read_metrics(run) if "event" not in m]
 
 
+@contextlib.contextmanager
+def deadline(seconds):
+    """Raise TimeoutError in this (main) thread after `seconds`; launch then ends its processes."""
+
+    def expire(signum, frame):
+        raise TimeoutError(f"not done in {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """`wb train RECIPE -o run1` with batch 4 and `wb train RECIPE --processes 2 -o run2` with
@@ -124,10 +141,10 @@ def runs(tmp_path_factory):
     one, two = folder / "run1", folder / "run2"
     r1 = runner.invoke(app, ["train", str(write_recipe(folder, base, 4)), "-o", str(one)])
     assert r1.exit_code == 0, r1.output
-    started = time.monotonic()
-    r2 = runner.invoke(app, ["train", str(write_recipe(folder, base, 2)), "--processes", "2", "-o", str(two)])
+    with deadline(TIMEOUT):  # the CLI has no timeout of its own; a hang fails here
+        recipe = write_recipe(folder, base, 2)
+        r2 = runner.invoke(app, ["train", str(recipe), "--processes", "2", "-o", str(two)])
     assert r2.exit_code == 0, r2.output
-    assert time.monotonic() - started < TIMEOUT
     return {"base": base, "one": one, "two": two, "folder": folder}
 
 

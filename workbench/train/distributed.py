@@ -304,12 +304,13 @@ def launch(
             if finished:
                 break
             if timeout is not None and time.monotonic() - started > timeout:
-                for process in context.processes:
-                    process.kill()
                 raise WorkbenchError(f"the {processes} training processes did not finish in {timeout:.0f} s")
     finally:
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
+        for process in context.processes:  # (any way out of here but their end: none is left behind)
+            if process.is_alive():
+                process.kill()
     drain()
     return result
 
