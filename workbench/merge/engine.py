@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import os
 import queue
+import re
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -34,7 +36,10 @@ from workbench.checkpoint.safetensors_io import SafetensorsWriter, TensorInfo, r
 from workbench.errors import WorkbenchError
 from workbench.merge.blocks import INPUT_BLOCKS, block_names, block_of, count_input_blocks, parse_blocks
 from workbench.merge.recipe import DTYPES as OUT_DTYPES
-from workbench.merge.recipe import Recipe, Step
+from workbench.merge.recipe import Recipe, Step, lora_inputs
+
+if TYPE_CHECKING:
+    from workbench.lora.bake import LoraBinding
 
 # Elements per chunk of an elementwise merge: 4 MiB of float32 per buffer, so the two to four
 # buffers of each of two workers stay in the shared L3 cache while the chunk is worked on.
@@ -56,6 +61,7 @@ class Source:
     variants: list[str]
     size: int
     sha256: str | None = None
+    lora: LoraBinding | None = None  # a LoRA file (the second input of a `lora` step), bound to its base
 
 
 @dataclass(frozen=True)
@@ -88,6 +94,7 @@ class MergePlan:
     missing: dict[str, list[str]] = field(default_factory=dict)  # key -> inputs lacking it (A kept)
     dropped: dict[str, list[str]] = field(default_factory=dict)  # key -> inputs having it; not written
     partial: list[str] = field(default_factory=list)
+    discarded: list[str] = field(default_factory=list)  # keys matching the recipe's discard pattern
 
     @property
     def out_bytes(self) -> int:
@@ -124,7 +131,11 @@ class MergeResult:
 
 def open_sources(recipe: Recipe) -> dict[str, Source]:
     sources = {}
+    loras = lora_inputs(recipe)
     for inp in recipe.inputs:
+        if inp.name in loras:
+            sources[inp.name] = _open_lora_source(inp.name, inp.path)
+            continue
         ckpt = with_current_key_names(open_checkpoint(inp.path))
         try:
             arch, layout, variants = detect_architecture(ckpt.infos, ckpt.metadata)
@@ -133,6 +144,29 @@ def open_sources(recipe: Recipe) -> dict[str, Source]:
         size = ckpt.path.stat().st_size if ckpt.path.is_file() else ckpt.nbytes
         sources[inp.name] = Source(inp.name, ckpt.path, ckpt, arch, layout, variants, size)
     return sources
+
+
+def _open_lora_source(name: str, path: str) -> Source:
+    from workbench.checkpoint.lora_format import open_lora
+
+    lora = open_lora(path)
+    return Source(name, lora.path, lora.ckpt, "lora", "lora", [], lora.path.stat().st_size)
+
+
+def _bind_loras(recipe: Recipe, sources: dict[str, Source]) -> None:
+    """Match each LoRA to the keys of the model its step bakes it into (headers only)."""
+    from workbench.checkpoint.lora_format import open_lora
+    from workbench.lora.bake import bind_lora
+
+    for step in recipe.steps:
+        if step.spec.name != "lora":
+            continue
+        src = sources[step.inputs[1]]
+        base = sources[_root_input(recipe, step.inputs[0])]
+        binding = bind_lora(open_lora(src.path), base.ckpt.infos, str(base.path), base.layout)
+        if src.lora is not None and src.lora.by_key.keys() != binding.by_key.keys():
+            raise WorkbenchError(f"{src.path}: baked into two models with different keys in one recipe")
+        src.lora = src.lora or binding
 
 
 def plan_merge(
@@ -148,9 +182,12 @@ def plan_merge(
         _check_output_path(Path(out_path), sources)
     base = _root_input(recipe, recipe.output)
     base_src = sources[base]
+    if base_src.architecture == "lora":
+        raise WorkbenchError(f"{base_src.path}: a LoRA cannot be the model a recipe's output is built on")
     for src in sources.values():
-        if src is not base_src:
+        if src is not base_src and src.architecture != "lora":
             _check_same_architecture(base_src, src)
+    _bind_loras(recipe, sources)
 
     n_in = INPUT_BLOCKS.get(base_src.layout, 12)
     own_n_in = count_input_blocks(base_src.ckpt.infos)
@@ -169,8 +206,14 @@ def plan_merge(
     step_index = {s.name: i for i, s in enumerate(recipe.steps)}
     for key, a_info in base_src.ckpt.infos.items():
         plan.keys.append(_plan_key(key, a_info, plan, step_index, out_dtype, names, n_in))
+    if recipe.discard:
+        pattern = re.compile(recipe.discard)
+        plan.discarded = [k.key for k in plan.keys if pattern.search(k.key)]
+        plan.keys = [k for k in plan.keys if not pattern.search(k.key)]
     out_keys = base_src.ckpt.infos
     for src in sources.values():
+        if src.lora is not None:
+            continue
         for key in src.ckpt.infos:
             if key not in out_keys:
                 plan.dropped.setdefault(key, []).append(src.name)
@@ -258,9 +301,13 @@ def _plan_key(
         if a is None:
             calls.append(None)
             continue
-        weight = step.weight(component, block)
+        weight = step.weight(component, block, key, recipe.vae_from == "merge")
         if weight is None or not a.is_float:
             calls.append(None)
+            continue
+        if step.spec.name == "lora":
+            binding = sources[step.inputs[1]].lora
+            calls.append(StepCall(step.key_params(weight)) if key in binding.by_key and weight != 0 else None)
             continue
         others = [(ref, value[ref]) for ref in step.inputs[1:]]
         lacking = [_root_input(recipe, ref) for ref, info in others if info is None]
@@ -288,6 +335,8 @@ def _plan_key(
         return KeyPlan(key, a_info, component, "int", plan.base)
     out = TensorInfo(out_dtype, a_info.shape)
     if not merged:
+        if recipe.vae_from == "merge":  # A1111 casts only the merged tensors; copies keep their dtype
+            out = TensorInfo(sources[source].ckpt.infos[key].dtype, a_info.shape)
         return KeyPlan(key, out, component, "copy", source)
     chunked = all(
         c is None or (s.spec.elementwise and c.partial is None)
@@ -408,6 +457,10 @@ class _ChunkReader:
         self._pread(raw, start)
         out.copy_(raw.view(info.torch_dtype))
 
+    def read_raw(self, key: str, dst: torch.Tensor) -> None:
+        """The key's stored bytes into `dst` (uint8, exactly its size); safetensors inputs only."""
+        self._pread(dst, self.offsets[key][0])
+
     def _pread(self, dst: torch.Tensor, offset: int) -> None:
         view = memoryview(dst.numpy()).cast("B")
         while len(view):
@@ -440,11 +493,11 @@ class _KeyEvaluator:
         """Chunk [lo, hi) of the node's value, flat (hi given), or the whole tensor shaped (hi None)."""
         i = self.step_index.get(node)
         if i is None:
-            if hi is None:
-                src = self.srcs[node][kp.key]
-                buf = scratch.take(src.numel()).view(src.shape)
-                buf.copy_(src)
-                return buf
+            if hi is None:  # the whole tensor, read (pread, not page faults) into a float32 buffer
+                info = self.srcs[node].infos[kp.key]
+                buf = scratch.take(info.numel)
+                self.readers[node].read(kp.key, 0, info.numel, buf, scratch)
+                return buf.view(info.shape)
             buf = scratch.take(hi - lo)
             self.readers[node].read(kp.key, lo, hi, buf, scratch)
             return buf
@@ -452,6 +505,11 @@ class _KeyEvaluator:
         call = kp.calls[i]
         if call is None:
             return self.value(step.inputs[0], kp, scratch, lo, hi)
+        if step.spec.name == "lora":  # never chunked: the whole tensor, changed in place
+            a = self.value(step.inputs[0], kp, scratch, lo, None)
+            binding = self.plan.sources[step.inputs[1]].lora
+            binding.apply(kp.key, a, call.params["strength"], OUT_DTYPES[self.recipe.dtype])
+            return a
         args = [self.value(ref, kp, scratch, lo, hi) for ref in step.inputs]
         if call.partial is None:
             return step.spec.call(args, call.params, kp.key)
@@ -502,7 +560,14 @@ def _produce(
             return want.view(kp.out.shape), False
         return src, False
     if src.dtype == kp.out.torch_dtype:
-        return src, False  # written straight from the mapped input, no copy
+        reader = ev.readers[kp.source]
+        if reader.fd is not None and kp.out.nbytes:
+            # bytes as stored, pread into the output buffer: what plain file I/O costs, without a
+            # page fault per 4 KiB of the mapping (the bulk of a bake's keys are copies)
+            out = buf.view(kp.out)
+            reader.read_raw(kp.key, _flat(out).view(torch.uint8))
+            return out, True
+        return src, False  # written straight from the mapped input
     out = buf.view(kp.out)
     out.copy_(src)
     return out, True
@@ -555,7 +620,11 @@ _DONE = object()
 
 
 def _needs_buffer(kp: KeyPlan, ev: _KeyEvaluator) -> bool:
-    return kp.how == "merge" or (kp.how == "copy" and ev.srcs[kp.source].infos[kp.key].dtype != kp.out.dtype)
+    if kp.how == "merge":
+        return True
+    if kp.how != "copy":
+        return False
+    return ev.srcs[kp.source].infos[kp.key].dtype != kp.out.dtype or ev.readers[kp.source].fd is not None
 
 
 def _sequential(

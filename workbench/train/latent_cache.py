@@ -9,8 +9,9 @@ the VAE adds as a regulariser stays per step. (kohya caches one sample, frozen f
 storing the std as well costs twice the memory: 2 x 4 x H/8 x W/8 floats per entry, 128 KiB at
 512 x 512.)
 
-One entry per (image, bucket size, flip): an image that flip_p can mirror is encoded both ways
-(the VAE is not mirror-symmetric, so a mirrored latent is not the latent of the mirrored image).
+One entry per (image, bucket size, flip): an image that flip_p (its folder's, else the recipe's)
+can mirror is encoded both ways (the VAE is not mirror-symmetric, so a mirrored latent is not the
+latent of the mirrored image); the copies of a repeated image share its entries.
 Each entry's key is a sha256 of the image's CONTENT (the file's bytes; the toy's shape spec), the
 VAE's weights (sha256 over every tensor), the size, the flip, the VAE's dtype and this format:
 a changed image, a changed VAE, another bucket or resolution never meets a stale latent, whatever
@@ -87,12 +88,15 @@ def entry_key(image: str, vae: str, size: tuple[int, int], flip: bool, dtype: st
 
 @dataclass
 class LatentCache:
-    """index -> {flip: key}; `lookup` gives the dataset's item fields for one visit."""
+    """index -> {flip: key}; `lookup` gives the dataset's item fields for one visit. Copies of an
+    image (repeats) share their entries. `substitutes`: index -> the index whose image is trained in
+    its place (an image that could not be read when the cache was built, see CaptionedImages)."""
 
     mode: str
     keys: dict[int, dict[bool, str]]
     memory: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     root: Path | None = None
+    substitutes: dict[int, int] = field(default_factory=dict)
     encoded: int = 0
     reused: int = 0
     seconds: float = 0.0
@@ -100,6 +104,9 @@ class LatentCache:
     def path(self, key: str) -> Path:
         assert self.root is not None
         return self.root / key[:2] / f"{key}.safetensors"
+
+    def has(self, key: str) -> bool:
+        return key in self.memory if self.mode == "memory" else self.path(key).is_file()
 
     def lookup(self, index: int, flip: bool) -> dict:
         key = self.keys[index][flip]
@@ -113,47 +120,97 @@ class LatentCache:
         return {"latent_mean": mean, "latent_std": std}
 
     def summary(self) -> dict:
-        entries = sum(len(k) for k in self.keys.values())
+        entries = len({k for by_flip in self.keys.values() for k in by_flip.values()})
         return {"mode": self.mode, "entries": entries, "encoded": self.encoded, "reused": self.reused,
                 "seconds": round(self.seconds, 2)}  # fmt: skip
 
 
 def build_latent_cache(dataset, models, mode: str, accelerator, batch_size: int = 8) -> LatentCache:
     """Encode what `dataset` (a CaptionedImages with augmentation) can show: each image at its size,
-    unflipped and/or flipped as its flip_p allows. Disk mode encodes only what is not on disk."""
+    unflipped and/or flipped as its flip_p (its folder's, else the recipe's) allows; an image
+    repeated (kohya's N_ folders, ED2's multiply.txt) is encoded once. Disk mode encodes only what
+    is not on disk. An image that cannot be read gets its substitute's entries (with a warning),
+    as the uncached dataset trains on its substitute."""
     started = time.perf_counter()
     vae = models.vae
     dtype = next(vae.parameters()).dtype
     vae_id = vae_hash(vae)
-    flips = [f for f in (False, True) if (dataset.flip_p < 1 if not f else dataset.flip_p > 0)]
-    keys = {}
-    for i, example in enumerate(dataset.examples):
-        image = content_hash(example)
-        keys[i] = {f: entry_key(image, vae_id, dataset.sizes[i], f, str(dtype)) for f in flips}
+    hashes: dict[str, str] = {}  # example key -> content hash (copies are hashed once)
+
+    def keys_of(i: int) -> dict[bool, str]:
+        example = dataset.examples[i]
+        if example.key not in hashes:
+            hashes[example.key] = content_hash(example)
+        p = dataset.flip_chance(example)
+        flips = [f for f in (False, True) if (p < 1 if not f else p > 0)]
+        return {f: entry_key(hashes[example.key], vae_id, dataset.sizes[i], f, str(dtype)) for f in flips}
+
+    keys = {i: keys_of(i) for i in range(len(dataset.examples))}
     cache = LatentCache(mode, keys, root=cache_root() if mode == "disk" else None)
-    todo = [(i, f) for i in keys for f in flips]
+    todo = list({key: (i, f) for i in keys for f, key in keys[i].items()}.values())  # one per entry
     if mode == "disk":
-        missing = [(i, f) for i, f in todo if not cache.path(keys[i][f]).is_file()]
+        missing = [(i, f) for i, f in todo if not cache.has(keys[i][f])]
         cache.reused = len(todo) - len(missing)
         todo = missing[accelerator.process_index :: accelerator.num_processes]
     for group in _groups(todo, dataset.sizes, batch_size):
-        pixels = torch.stack([dataset.pixels(i) for i, _ in group])
-        flipped = torch.tensor([f for _, f in group])
-        pixels = torch.where(flipped[:, None, None, None], pixels.flip(-1), pixels)
-        with torch.no_grad(), accelerator.autocast():
-            dist = vae.encode(pixels.to(accelerator.device, dtype)).latent_dist
-            mean, std = dist.mean.float().cpu(), dist.std.float().cpu()
-        for row, (i, f) in enumerate(group):
-            key = keys[i][f]
-            if mode == "memory":
-                cache.memory[key] = (mean[row].clone(), std[row].clone())
-            else:
-                _write_entry(cache.path(key), mean[row], std[row], key)
-        cache.encoded += len(group)
+        _encode(cache, dataset, vae, dtype, accelerator, group)
     if mode == "disk":
         accelerator.wait_for_everyone()  # every process's share is on disk
+    # Entries still missing belong to images that could not be read (every process sees the same):
+    # point them at a substitute's entries, encoded here when no process has them.
+    for i in keys:
+        if all(cache.has(key) for key in keys[i].values()):
+            continue
+        error = _read_error(dataset, i)
+        if error is None:  # (read now: encode it after all)
+            _encode(cache, dataset, vae, dtype, accelerator, [(i, f) for f in keys[i]])
+            continue
+        other = dataset.substitute(i, error)
+        cache.substitutes[i] = other
+        keys[i] = keys[other]
+        absent = [(other, f) for f, key in keys[other].items() if not cache.has(key)]
+        if absent:
+            _encode(cache, dataset, vae, dtype, accelerator, absent)
     cache.seconds = time.perf_counter() - started
     return cache
+
+
+def _read_error(dataset, index: int):
+    from workbench.errors import WorkbenchError
+
+    try:
+        dataset.pixels(index)
+    except WorkbenchError as e:
+        return e
+    return None
+
+
+def _encode(cache: LatentCache, dataset, vae, dtype, accelerator, group: list[tuple[int, bool]]) -> None:
+    """Encode the entries of `group` (one size) whose images can be read; skip the others."""
+    from workbench.errors import WorkbenchError
+
+    rows, images = [], []
+    for i, f in group:
+        try:
+            images.append(dataset.pixels(i))
+            rows.append((i, f))
+        except WorkbenchError:  # (handled after all groups: its substitute's entries)
+            continue
+    if not rows:
+        return
+    pixels = torch.stack(images)
+    flipped = torch.tensor([f for _, f in rows])
+    pixels = torch.where(flipped[:, None, None, None], pixels.flip(-1), pixels)
+    with torch.no_grad(), accelerator.autocast():
+        dist = vae.encode(pixels.to(accelerator.device, dtype)).latent_dist
+        mean, std = dist.mean.float().cpu(), dist.std.float().cpu()
+    for row, (i, f) in enumerate(rows):
+        key = cache.keys[i][f]
+        if cache.mode == "memory":
+            cache.memory[key] = (mean[row].clone(), std[row].clone())
+        else:
+            _write_entry(cache.path(key), mean[row], std[row], key)
+    cache.encoded += len(rows)
 
 
 def _groups(todo: list[tuple[int, bool]], sizes, batch_size: int) -> list[list[tuple[int, bool]]]:
