@@ -60,6 +60,31 @@ def test_bucket_batches_shard_without_dropping_or_repeating():
         assert sorted(len(b) for b in one) == [1, 2, 4]
 
 
+def test_repeated_examples_shard_like_any_others():
+    """With repeats (with_repeats copies an example: kohya's 10_name, ED2's multiply.txt) the
+    training list is longer; 2 processes with batch 2 take the shuffled order of a 1-process run
+    with batch 4, so each copy is trained once per epoch, on one process."""
+    from workbench.train.data import EpochSampler, Example, with_repeats
+
+    distinct = [Example("a", "a", repeats=3), Example("b", "b"), Example("c", "c", repeats=2)]
+    examples = with_repeats(distinct, seed=0)
+    assert [e.key for e in examples] == ["a", "a", "a", "b", "c", "c"]
+    for epoch in range(2):
+        order = EpochSampler(len(examples), seed=5)
+        order.set_epoch(epoch)
+        one = list(torch.utils.data.BatchSampler(order, 4, drop_last=False))
+        rows = []
+        for rank in (0, 1):
+            inner = EpochSampler(len(examples), seed=5)
+            sampler = ShardedBatches(torch.utils.data.BatchSampler(inner, 4, drop_last=False), rank, 2, 4)
+            sampler.set_epoch(epoch)
+            rows.append(list(sampler))
+        for global_batch, rows0, rows1 in zip(one, *rows, strict=True):
+            assert [r.index for r in rows0 + rows1 if r.weight == 1.0] == global_batch
+        seen = sorted(examples[r.index].key for shard in rows for batch in shard for r in batch if r.weight)
+        assert seen == ["a", "a", "a", "b", "c", "c"]
+
+
 def test_each_process_draws_its_rows_of_the_global_batch():
     g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
     full = torch.randn((5, 4, 2, 2), generator=g1)

@@ -122,6 +122,54 @@ def test_entries_only_for_the_flips_the_recipe_can_draw(tmp_path, vae):
     assert torch.allclose(got["latent_mean"], vae_mean(vae, root / "a.png", flip=True), atol=1e-5)
 
 
+
+def test_per_folder_flip_p_and_repeats_share_their_entries(tmp_path, vae):
+    """ED2 folders: `never/` (flip_p.txt 0) and `always/` (flip_p.txt 1, multiply.txt 3) under a
+    recipe flip_p of 0.5. Each image gets only the flips its folder allows; b.png's three copies
+    share one entry, encoded once."""
+    from workbench.train.data import read_data, with_repeats
+
+    for name, text in (("never", {"flip_p.txt": "0"}), ("always", {"flip_p.txt": "1", "multiply.txt": "3"})):
+        (tmp_path / "pics" / name).mkdir(parents=True)
+        for file, value in text.items():
+            (tmp_path / "pics" / name / file).write_text(value)
+    paint(tmp_path / "pics" / "never" / "a.png", (250, 0, 0))
+    paint(tmp_path / "pics" / "always" / "b.png", (0, 0, 250))
+    data = DataSection(root=str(tmp_path / "pics"), resolution=32, flip_p=0.5)
+    examples = with_repeats(read_data(data).examples, seed=0)
+    assert [e.key for e in examples] == ["always/b.png"] * 3 + ["never/a.png"]
+    ds = CaptionedImages(examples, data, seed=1, augment=True)
+    cache = build_latent_cache(ds, Models(vae), "memory", OneProcess())
+    assert [list(cache.keys[i]) for i in range(4)] == [[True]] * 3 + [[False]]
+    assert cache.keys[0] == cache.keys[1] == cache.keys[2]
+    assert cache.encoded == 2 and cache.summary()["entries"] == 2
+    ds.latents = cache
+    for i, (name, flip) in enumerate([("always/b.png", True)] * 3 + [("never/a.png", False)]):
+        want = vae_mean(vae, tmp_path / "pics" / name, flip=flip)
+        assert torch.allclose(ds[i]["latent_mean"], want, atol=1e-5)
+
+
+def test_an_image_unreadable_when_caching_gets_its_substitutes_latent(tmp_path, vae):
+    """As without a cache (data.py), an image broken after the scan trains as the next image of its
+    size, caption included; the warning names both."""
+    root = tmp_path / "pics"
+    root.mkdir()
+    paint(root / "a.png", (250, 0, 0))
+    paint(root / "b.png", (0, 0, 250))
+    (root / "a.txt").write_text("first")
+    (root / "b.txt").write_text("second")
+    ds = dataset(root, flip_p=0.0)
+    (root / "a.png").write_bytes(b"not a png")
+    with pytest.warns(UserWarning, match="a.png: cannot read the image.*training on b.png in its place"):
+        cache = build_latent_cache(ds, Models(vae), "disk", OneProcess())
+    assert cache.substitutes == {0: 1} and cache.keys[0] == cache.keys[1]
+    assert cache.encoded == 1
+    ds.latents = cache
+    item = ds[0]
+    assert item["caption"] == "second"
+    assert torch.allclose(item["latent_mean"], vae_mean(vae, root / "b.png"), atol=1e-5)
+
+
 def recipe(base, cache, **data):
     raw = {
         "model": {"base": str(base)},
