@@ -9,8 +9,9 @@ run.json), then the loop, which per optimizer step does
     log / validate / save / sample         (when the recipe says so)
 
 CPU runs in fp32; on a GPU `mixed_precision: auto` means bf16 autocast (fp16 without bf16
-support). Multi-GPU: `accelerate launch -m workbench.cli train RECIPE.yaml` (each process
-draws different noise and sees a different shard of every batch; step counts are optimizer steps).
+support). Several processes (`wb train --processes N`, or `accelerate launch -m workbench.cli train`):
+each takes its shard of every global batch of N x batch_size and the same run results as one process
+with that batch (see distributed.py); step counts are optimizer steps.
 
 Checkpoints are single files in the LDM layout (what A1111, ComfyUI and `wb inspect` read), named
 `checkpoints/NAME-epNN-gsNNNNN.safetensors`, NN the (1-based) epoch a step belongs to. The library
@@ -48,8 +49,10 @@ from workbench.train.data import (
     with_repeats,
     write_split,
 )
-from workbench.train.diffusion import Models, denoising_loss, encode_latents, tokenize
+from workbench.train.diffusion import Models, denoising_loss, tokenize
+from workbench.train.distributed import Draws, global_loss, reduce_loss, sharded_loader
 from workbench.train.ema import ema_load, ema_start, ema_update
+from workbench.train.latent_cache import build_latent_cache, latent_sample
 from workbench.train.optimizers import build_optimizer
 from workbench.train.recipe import Recipe
 from workbench.train.report import write_run_report
@@ -125,16 +128,18 @@ def train(
     started = time.time()
     tr = recipe.training
     data = read_data(recipe.data)  # first: no images is an error before any folder is made
-    run_dir = Path(run_dir) if resume else new_run_dir(Path(run_dir), checkpoints)
     accelerator = make_accelerator(Accelerator, recipe)
     device, main = accelerator.device, accelerator.is_main_process
+    with accelerator.main_process_first():  # the main process makes the folder, the others use it
+        run_dir = Path(run_dir) if resume or not main else new_run_dir(Path(run_dir), checkpoints)
     set_seed(tr.seed)
     saved = load_state(run_dir, accelerator.num_processes) if resume else None
     if resume:
         check_base_unchanged(run_dir)
 
     # --- the model ------------------------------------------------------------------------------
-    base_path, models, spec, base_metadata = load_model(recipe, run_dir, device, resume)
+    with accelerator.main_process_first():  # (a toy base is written by the main process)
+        base_path, models, spec, base_metadata = load_model(recipe, run_dir, device, resume or not main)
     check_resolution(recipe.data, spec.configs)
 
     # --- the data: a fixed validation split, written beside the run -----------------------------
@@ -161,7 +166,14 @@ def train(
     train_set = CaptionedImages(train_examples, recipe.data, seed=tr.seed, augment=True)
     val_set = CaptionedImages(val_examples, recipe.data, augment=False)
     stable_set = CaptionedImages(stable_examples, recipe.data, augment=False)
-    if recipe.data.aspect_buckets:  # batches of one bucket each; `skip` below counts batches
+    if recipe.data.cache_latents != "off":  # the VAE's latents of every image, once (latent_cache.py)
+        train_set.latents = build_latent_cache(
+            train_set, models, recipe.data.cache_latents, accelerator, tr.batch_size
+        )
+    if accelerator.num_processes > 1:  # each process its shard of every global batch
+        loader, sampler = sharded_loader(train_set, recipe, accelerator, collate)
+        per_batch = 1  # `skip` counts global batches
+    elif recipe.data.aspect_buckets:  # batches of one bucket each; `skip` below counts batches
         sampler = BucketBatchSampler(train_set.sizes, tr.batch_size, tr.seed)
         loader = torch.utils.data.DataLoader(
             train_set, batch_sampler=sampler, collate_fn=collate, num_workers=recipe.data.workers
@@ -194,7 +206,8 @@ def train(
     # modules, which validation, sampling and saving use.
     trained = {c: accelerator.prepare(getattr(models, c)) for c in params}
     optimizers = {c: accelerator.prepare(o) for c, o in optimizers.items()}
-    loader = accelerator.prepare(loader)
+    if accelerator.num_processes == 1:
+        loader = accelerator.prepare(loader)
     steps_per_epoch = max(1, math.ceil(len(loader) / tr.grad_accum))
     total_steps = min(tr.max_steps or math.inf, (tr.max_epochs or math.inf) * steps_per_epoch)
     total_steps = int(total_steps)
@@ -226,6 +239,8 @@ def train(
                           "steps_per_epoch": steps_per_epoch, "total_steps": total_steps}  # fmt: skip
         if recipe.data.aspect_buckets:
             record["data"]["buckets"] = bucket_counts(train_set.sizes)
+        if train_set.latents is not None:
+            record["data"]["latent_cache"] = train_set.latents.summary()
         write_run_record(run_dir, record)
     elif main:
         record_resume(run_dir, saved.progress.step, fingerprint(examples), accelerator)
@@ -240,8 +255,8 @@ def train(
 
     # --- the loop ---------------------------------------------------------------------------------
     # Training noise, timesteps and latent samples come from this generator alone (validation has
-    # its own), offset per process so that GPUs do not draw identical noise.
-    generator = torch.Generator().manual_seed(tr.seed + 1_000_003 * accelerator.process_index)
+    # its own); the same on every process, which draws for the global batch and keeps its rows.
+    generator = torch.Generator().manual_seed(tr.seed)
     state.generator = generator
     n_epochs = tr.max_epochs or math.ceil(total_steps / steps_per_epoch)
     step, first_epoch, skip, micro_losses, train_time = 0, 0, 0, [], 0.0
@@ -271,18 +286,20 @@ def train(
             if epoch == first_epoch and skip:
                 # Resuming mid-epoch: the sampler drops what this epoch's order already gave, on
                 # every process (each took batches_seen batches).
-                sampler.resume_at(epoch, skip * per_batch * accelerator.num_processes)
+                sampler.resume_at(epoch, skip * per_batch)
             state.position = (epoch, skip if epoch == first_epoch else 0)
             for batch in loader:
                 state.position = (epoch, state.position[1] + 1)
                 t0 = time.perf_counter()
                 with accelerator.accumulate(*trained.values()):
                     with accelerator.autocast():  # bf16/fp16 on GPUs (a no-op in fp32); not the backward
-                        loss = _batch_loss(step_model, batch, generator, recipe, device).mean()
-                    if not _finite_everywhere(accelerator, loss):
-                        state.stop_on_bad_loss(loss.item(), step + 1, epoch)
+                        per_example = _batch_loss(step_model, batch, generator, recipe, device)
+                        loss = reduce_loss(per_example, batch, accelerator.num_processes)
+                    value = global_loss(accelerator, loss)  # NaN/inf if any process's is: all stop
+                    if not math.isfinite(value):
+                        state.stop_on_bad_loss(value, step + 1, epoch)
                         break
-                    micro_losses.append(loss.item())
+                    micro_losses.append(value)
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and tr.clip_grad_norm:
                         accelerator.clip_grad_norm_(
@@ -419,29 +436,17 @@ def _batch_loss(
 ) -> torch.Tensor:
     """Per-example epsilon loss of one micro-batch, every random number drawn from `generator`."""
     tr = recipe.training
+    draws = Draws(generator, batch.get("shard"))  # (several processes: this shard's rows)
     with torch.no_grad():  # the VAE is never trained
-        latents = encode_latents(models.vae, batch["pixels"].to(device), models.scaling_factor, generator)
+        latents = latent_sample(models, batch, draws, device)
     b = latents.shape[0]
-    noise = torch.randn(latents.shape, generator=generator)
+    noise = draws.randn(latents.shape)
     if tr.zero_frequency_noise_ratio:
         # "offset noise": a per-channel constant lets the model learn overall brightness
-        noise = noise + tr.zero_frequency_noise_ratio * torch.randn(
-            (b, latents.shape[1], 1, 1), generator=generator
-        )
-    timesteps = torch.randint(tr.timestep_min, tr.timestep_max + 1, (b,), generator=generator)
+        noise = noise + tr.zero_frequency_noise_ratio * draws.randn((b, latents.shape[1], 1, 1))
+    timesteps = draws.randint(tr.timestep_min, tr.timestep_max + 1, (b,))
     ids = tokenize(models.tokenizer, batch["caption"], device)
     return denoising_loss(
         models, latents, ids, noise.to(device, latents.dtype), timesteps.to(device), tr.min_snr_gamma,
         tr.loss, (tr.huber_c, tr.huber_schedule, tr.huber_scale),
     )  # fmt: skip
-
-
-# --- setup helpers ------------------------------------------------------------------------------
-
-
-def _finite_everywhere(accelerator, loss: torch.Tensor) -> bool:
-    """Whether the loss is finite on every process (all must stop together, or DDP would hang)."""
-    bad = (~torch.isfinite(loss.detach())).float().reshape(1)
-    if accelerator.num_processes > 1:
-        bad = accelerator.reduce(bad, "sum")
-    return bad.item() == 0

@@ -105,6 +105,10 @@ class DataSection(Section):
         0.0, ge=0, lt=1, description="chance each tag after keep_tokens is left out (kohya's option)"
     )
     workers: int = Field(0, ge=0, description="DataLoader worker processes decoding images")
+    random_crop: bool = Field(False, description="crop at a random place, not the center, each visit")
+    cache_latents: Literal["off", "memory", "disk"] = Field(
+        "off", description="encode each image with the VAE once (see docs/train.md): memory or disk"
+    )
 
     @model_validator(mode="after")
     def _toy_only(self):
@@ -126,6 +130,13 @@ class DataSection(Section):
             "only used with aspect_buckets",
         )
         _only_when(self, ("bucket_step", "max_aspect"), self.bucket_set == "wb", "not used by bucket_set ed2")
+        if self.random_crop and self.root == TOY_DATA:
+            raise ValueError(f"random_crop: {TOY_DATA} images are drawn at the training size, uncropped")
+        if self.random_crop and self.cache_latents != "off":
+            raise ValueError(
+                f"cache_latents: {self.cache_latents} caches one crop of each image, but random_crop "
+                "takes a new one at every visit; set data.cache_latents: off or data.random_crop: false"
+            )
         if self.aspect_buckets and self.root == TOY_DATA:
             raise ValueError(f"aspect_buckets: {TOY_DATA} images are all square")
         if self.aspect_buckets and self.bucket_set == "wb" and self.resolution % self.bucket_step:

@@ -13,6 +13,7 @@ import torch
 
 from workbench.errors import WorkbenchError
 from workbench.train.diffusion import Models, noise_scheduler_for
+from workbench.train.distributed import world_record
 from workbench.train.optimizers import freeze_text_encoder, trainable
 from workbench.train.recipe import TOY_MODEL, Recipe
 from workbench.train.runs import device_info, package_versions
@@ -43,7 +44,7 @@ def run_record(recipe, source, base_path, spec, settings, optimizers, params, mo
         "versions": package_versions(),
         "device": {
             **device_info(accelerator.device),
-            "processes": accelerator.num_processes,
+            **world_record(accelerator),  # processes, world_size, distributed_type, backend
             "mixed_precision": accelerator.mixed_precision,
         },
     }
