@@ -6,8 +6,9 @@
 2. wb lora extract v4.safetensors base.safetensors --rank 16 -o v4_lora.safetensors
 3. wb inspect v4_lora.safetensors
 4. wb lora bake base.safetensors v4_lora.safetensors:1.0 -o back.safetensors
-5. wb grid --ckpts base,v4,back (2 prompts x 2 seeds), then the mean absolute pixel difference of
-   every "back" cell from the same cell of v4 and of base: back should look like v4.
+5. the same with --conv-rank 16 (a LoCon: the ResNet convs too) -> back_locon.safetensors
+6. wb grid --ckpts base,v4,back,back_locon (2 prompts x 2 seeds), then the mean absolute pixel
+   difference of every "back" cell from the same cell of v4 and of base: back should look like v4.
 Each wb command runs as a subprocess (`python -m workbench.cli ...`); their output is printed.
 """
 
@@ -61,11 +62,11 @@ def mean_pixel_diffs(grid_dir: Path) -> dict[str, float]:
     for c in doc["cells"]:
         img = np.asarray(Image.open(grid_dir / c["file"]).convert("RGB"), dtype=np.float64)
         cells.setdefault((c["prompt"], c["seed"]), {})[c["checkpoint"]] = img
-    out: dict[str, list[float]] = {"back vs v4": [], "back vs base": [], "v4 vs base": []}
+    pairs = [("back", "v4"), ("back", "base"), ("back_locon", "v4"), ("back_locon", "base"), ("v4", "base")]
+    out: dict[str, list[float]] = {f"{a} vs {b}": [] for a, b in pairs}
     for imgs in cells.values():
-        out["back vs v4"].append(float(np.abs(imgs["back"] - imgs["v4"]).mean()))
-        out["back vs base"].append(float(np.abs(imgs["back"] - imgs["base"]).mean()))
-        out["v4 vs base"].append(float(np.abs(imgs["v4"] - imgs["base"]).mean()))
+        for a, b in pairs:
+            out[f"{a} vs {b}"].append(float(np.abs(imgs[a] - imgs[b]).mean()))
     return {k: sum(v) / len(v) for k, v in out.items()}
 
 
@@ -89,14 +90,18 @@ def main() -> None:
     wb("lora", "extract", v4, base, "--rank", args.rank, "-o", lora)
     wb("inspect", lora)
     wb("lora", "bake", base, f"{lora}:1.0", "-o", back)
+    # kohya's default modules leave the ResNet convs out; a LoCon takes them too
+    locon, back_locon = folder / "v4_locon.safetensors", folder / "back_locon.safetensors"
+    wb("lora", "extract", v4, base, "--rank", args.rank, "--conv-rank", args.rank, "-o", locon)
+    wb("lora", "bake", base, f"{locon}:1.0", "-o", back_locon)
     (folder / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
     grid = folder / "grid"
-    wb("grid", "--ckpts", f"{base},{v4},{back}", "--prompts", folder / "prompts.txt", "--seeds", "1,2",
-       "--steps", 12, "--size", "64x64", "-o", grid)  # fmt: skip
+    wb("grid", "--ckpts", f"{base},{v4},{back},{back_locon}", "--prompts", folder / "prompts.txt",
+       "--seeds", "1,2", "--steps", 12, "--size", "64x64", "-o", grid)  # fmt: skip
     diffs = mean_pixel_diffs(grid)
     print("mean |pixel difference| (0-255), averaged over prompts x seeds:")
     for k, v in diffs.items():
-        print(f"  {k:13} {v:6.2f}")
+        print(f"  {k:19} {v:6.2f}")
 
 
 if __name__ == "__main__":

@@ -181,6 +181,12 @@ def extract_command(
         f"(least: {worst.kept:.2%} in {worst.name})",
         highlight=False,
     )
+    if res.conv_share is not None and res.conv_share > 0.05:
+        out.print(
+            f"[yellow]{res.conv_share:.0%} of the difference is in ResNet/sampler convs, not extracted[/]: "
+            "add --conv-rank R to take them too (a LoCon, as kohya's conv_dim)",
+            highlight=False,
+        )
     if res.te_dropped:
         out.print(f"text encoder left out: no entry differs by more than {min_diff:g}", highlight=False)
     if res.skipped_zero:

@@ -54,6 +54,9 @@ class ExtractResult:
     seconds: float
     zeroed: int  # entries cast to exact zero in the save dtype
     metadata: dict[str, str] = field(default_factory=dict)
+    # Without a conv rank: the share of the LoRA-able difference's energy (squared Frobenius norm)
+    # that sits in the ResNet/sampler convs left out (kohya's LoCon modules); None when they are in.
+    conv_share: float | None = None
 
 
 def _diff(tuned, base, t: Target) -> torch.Tensor:
@@ -106,8 +109,10 @@ def extract(
                 f"{tuned.path}: LoRAs are extracted from sd1, sd2 or sdxl checkpoints, not {family}"
             )
         groups = {"attn", "te"} | ({"conv"} if conv_rank else set())
-        targets = [
-            t for t in lora_targets(base.infos, family).values() if t.group in groups and t.component in comps
+        all_targets = lora_targets(base.infos, family)
+        targets = [t for t in all_targets.values() if t.group in groups and t.component in comps]
+        left_out = [
+            t for t in all_targets.values() if t.group == "conv" and not conv_rank and "unet" in comps
         ]
         for t in targets:  # everything checked from the headers first
             other = tuned.infos.get(t.key)
@@ -154,6 +159,10 @@ def extract(
                 f"{tuned.path} and {base.path} do not differ in any module: nothing to extract"
             )
         overall = (kept_energy / energy) ** 0.5 if energy else 1.0
+        conv_share = None
+        if left_out:  # what kohya's default set misses: ResNet convs carry much of a full fine-tune
+            conv_energy = sum(float(_diff(tuned, base, t).double().pow(2).sum()) for t in left_out)
+            conv_share = conv_energy / (conv_energy + energy) if conv_energy + energy else 0.0
         base_sha = sha256_file(base.path) if base.path.is_file() else None
         tuned_sha = sha256_file(tuned.path) if tuned.path.is_file() else None
         provenance = {
@@ -162,6 +171,7 @@ def extract(
             "rank": rank, "conv_rank": conv_rank, "alpha": alpha, "conv_alpha": conv_alpha,
             "svd": method, "clamp_quantile": clamp_quantile, "min_diff": min_diff,
             "components": sorted(comps), "te_dropped": te_dropped, "fro_kept": round(overall, 6),
+            "conv_share_left_out": None if conv_share is None else round(conv_share, 6),
         }  # fmt: skip
         extra = {
             "ss_sd_model_name": base.path.name,
@@ -182,7 +192,7 @@ def extract(
         tuned.close()
         base.close()
     return ExtractResult(out, family, reports, overall, skipped, te_dropped, time.perf_counter() - started,
-                         written.zeroed, meta)  # fmt: skip
+                         written.zeroed, meta, conv_share)  # fmt: skip
 
 
 def _arch(ckpt):
