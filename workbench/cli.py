@@ -65,6 +65,8 @@ def inspect(
     from workbench.checkpoint.describe import describe
 
     d = describe(path, with_hash=not no_hash)
+    for warning in d.warnings:
+        err.print(f"[yellow]warning:[/] {d.path}: metadata {warning}", highlight=False, soft_wrap=True)
     if as_json:
         sys.stdout.write(json.dumps(d.to_json(), indent=2) + "\n")
         return
@@ -92,17 +94,18 @@ def inspect(
         for k, v in sorted(shown.items()):
             meta.add_row(k, v if len(v) <= 120 else v[:120] + " ... (--json shows all)")
         out.print(meta)
-    if "wb.swap" in d.metadata:
+    usable = d.usable_metadata()
+    if "wb.swap" in usable:
         swap_table = Table(title="assembled by wb swap", title_justify="left")
         for col in ("component", "from", "sha256"):
             swap_table.add_column(col)
-        for component, src in json.loads(d.metadata["wb.swap"]).items():
+        for component, src in json.loads(usable["wb.swap"]).items():
             swap_table.add_row(component, src.get("path", ""), (src.get("sha256") or "")[:10])
         out.print(swap_table)
     if d.ancestry:
         from workbench.merge.provenance import render_ancestry
 
-        tree = render_ancestry(d.metadata)
+        tree = render_ancestry(usable)
         if tree is not None:
             out.print(tree)
 

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from workbench.checkpoint.files import check_regular
 from workbench.checkpoint.safetensors_io import SafetensorsFile, TensorInfo, info_of, read_header
 from workbench.errors import WorkbenchError
 
@@ -116,6 +117,7 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
 
             return open_diffusers_folder(p)
         raise WorkbenchError(f"{p}: a folder, but not a diffusers model (no model_index.json)")
+    check_regular(p)  # a named pipe, /dev/zero or a socket: refused before anything opens it
     suffix = p.suffix.lower()
     if suffix in PICKLE_SUFFIXES or (suffix not in SAFETENSORS_SUFFIXES and zipfile.is_zipfile(p)):
         return _open_pickle(p)
