@@ -23,11 +23,11 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import yaml
-
+from workbench.documents import load_yaml_file, parse_json
 from workbench.errors import WorkbenchError
 from workbench.merge.blocks import parse_blocks
 from workbench.merge.methods import Method, check_params, get_method
+from workbench.merge.recipe_schema import check_document
 
 RECIPE_FORMAT = "wb-merge-recipe/1"
 DTYPES = {"fp16": "F16", "bf16": "BF16", "fp32": "F32"}
@@ -321,14 +321,8 @@ def load_yaml(
 ) -> tuple[Recipe, str | None]:
     """Read a YAML recipe; `overrides` replace input paths by name, `output` picks another step."""
     p = Path(path)
-    try:
-        doc = yaml.safe_load(p.read_text())
-    except OSError as e:
-        raise WorkbenchError(f"{p}: cannot read: {e.strerror}") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        line = f" at line {mark.line + 1}" if mark else ""
-        raise WorkbenchError(f"{p}: not valid YAML{line}") from None
+    doc = load_yaml_file(p, "")
+    check_document(doc, str(p))
     recipe, out_path = from_dict(doc, str(p))
     for name, new_path in (overrides or {}).items():
         inp = recipe.input(name)
@@ -344,12 +338,13 @@ def load_yaml(
 
 def from_json(text: str, where: str) -> Recipe:
     try:
-        doc = json.loads(text)
-    except ValueError:
+        doc = parse_json(text, where)
+    except WorkbenchError:
         raise WorkbenchError(f"{where}: the recorded recipe is not valid JSON") from None
     found = doc.get("format") if isinstance(doc, Mapping) else None
     if found != RECIPE_FORMAT:
         raise WorkbenchError(f"{where}: not a wb merge recipe (format {found!r}, expected {RECIPE_FORMAT})")
+    check_document(doc, where)
     try:
         inputs = [Input(**i) for i in doc["inputs"]]
         steps = [Step(**s) for s in doc["steps"]]

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from workbench.documents import load_json_file
 from workbench.errors import WorkbenchError
 from workbench.train.optimizers import OPTIMIZERS
 from workbench.train.recipe import dump_yaml, parse_recipe
@@ -117,12 +118,9 @@ def _off(value: Any) -> bool:
 
 
 def _read_json(path: Path, what: str) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise WorkbenchError(f"{path}: no such {what}") from None
-    except json.JSONDecodeError as e:
-        raise WorkbenchError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
+    if not path.exists():
+        raise WorkbenchError(f"{path}: no such {what}")
+    data = load_json_file(path, "")  # regular file, bounded size, UTF-8, no duplicate keys
     if not isinstance(data, dict):
         raise WorkbenchError(f"{path}: expected a JSON object")
     return data
