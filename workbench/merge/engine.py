@@ -205,9 +205,7 @@ def _check_output_path(out: Path, sources: dict[str, Source]) -> None:
 
 def _root_input(recipe: Recipe, node: str) -> str:
     """The input a node's keys come from: a step's value is shaped like its first input's."""
-    while (step := recipe.step(node)) is not None:
-        node = step.inputs[0]
-    return node
+    return recipe.root_input(node)
 
 
 def _check_same_architecture(a: Source, b: Source) -> None:
@@ -272,7 +270,7 @@ def _plan_key(
         partial = _check_shapes(key, step, a, others, recipe, sources)
         if partial is not None and key not in plan.partial:
             plan.partial.append(key)
-        calls.append(StepCall(step.key_params(weight), partial))
+        calls.append(_step_call(step, weight, partial))
 
     # Follow the output back through pass-throughs: a file reached that way is copied, not merged.
     node, merged = recipe.output, False
@@ -296,9 +294,21 @@ def _plan_key(
     return KeyPlan(key, out, component, "merge", source, tuple(calls), chunked)
 
 
+def _step_call(step: Step, weight: float, partial: int | None) -> StepCall:
+    """One shared StepCall per (step, weight, partial): a recipe of many steps asks for it for every
+    key, and the call is immutable."""
+    memo = step.__dict__.setdefault("_calls", {})
+    found = memo.get((weight, partial))
+    if found is None:
+        found = memo[(weight, partial)] = StepCall(step.key_params(weight), partial)
+    return found
+
+
 def _check_shapes(key, step: Step, a: TensorInfo, others, recipe: Recipe, sources) -> int | None:
     """None when every input matches A's shape; the channel count to merge for an inpainting or
     instruct-pix2pix A (8 or 9 input channels) with a normal 4-channel model, as A1111 does."""
+    if all(info.is_float and info.shape == a.shape for _, info in others):
+        return None  # the usual case, asked for every key of every step: no lookups
     partial = None
     a_path = sources[_root_input(recipe, step.inputs[0])].path
     for ref, info in others:

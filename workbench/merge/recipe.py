@@ -94,7 +94,41 @@ class Recipe:
         return next((i for i in self.inputs if i.name == name), None)
 
     def step(self, name: str) -> Step | None:
-        return next((s for s in self.steps if s.name == name), None)
+        # A name -> step index, rebuilt whenever the list changed: planning asks this for every key
+        # of every step, and a 1,500-step recipe would otherwise be quadratic per key.
+        found = self._index().get(name)
+        if found is not None and found.name == name:
+            return found
+        if found is not None:  # a step renamed in place: rebuild and ask again
+            self.__dict__.pop("_step_index", None)
+            return self._index().get(name)
+        return None
+
+    def _index(self) -> dict[str, Step]:
+        cached = self.__dict__.get("_step_index")
+        if cached is None or cached[0] is not self.steps or cached[1] != len(self.steps):
+            index = {}
+            for s in self.steps:
+                index.setdefault(s.name, s)
+            cached = (self.steps, len(self.steps), index, {})
+            self.__dict__["_step_index"] = cached
+        return cached[2]
+
+    def root_input(self, node: str) -> str:
+        """The input a node's keys come from: a step's value is shaped like its first input's."""
+        self._index()
+        roots = self.__dict__["_step_index"][3]
+        if node not in roots:
+            walked = []
+            while (step := self.step(node)) is not None and node not in roots:
+                walked.append(node)
+                node = step.inputs[0]
+            root = roots.get(node, node)
+            for name in walked:
+                roots[name] = root
+            roots.setdefault(node, root)
+            return root
+        return roots[node]
 
     @property
     def output_step(self) -> Step:
