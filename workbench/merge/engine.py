@@ -21,13 +21,14 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from workbench.checkpoint.describe import CONV_IN, FAMILY_OF, component_of, detect_architecture
+from workbench.checkpoint.files import refuse_overwrite
 from workbench.checkpoint.hashing import sha256_file
 from workbench.checkpoint.reader import Checkpoint, open_checkpoint, with_current_key_names
 from workbench.checkpoint.safetensors_io import SafetensorsWriter, TensorInfo, read_header
@@ -88,6 +89,8 @@ class MergePlan:
     missing: dict[str, list[str]] = field(default_factory=dict)  # key -> inputs lacking it (A kept)
     dropped: dict[str, list[str]] = field(default_factory=dict)  # key -> inputs having it; not written
     partial: list[str] = field(default_factory=list)
+    # Files the command read besides the inputs (the recipe, the merged file replayed): never output.
+    reads: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def out_bytes(self) -> int:
@@ -136,16 +139,22 @@ def open_sources(recipe: Recipe) -> dict[str, Source]:
 
 
 def plan_merge(
-    recipe: Recipe, out_path: str | os.PathLike | None = None, with_hash: bool = True
+    recipe: Recipe,
+    out_path: str | os.PathLike | None = None,
+    with_hash: bool = True,
+    reads: Iterable[tuple[str, str | os.PathLike]] = (),
 ) -> MergePlan:
     """Check everything that can be checked from the headers and decide what happens to every key.
 
     Raises WorkbenchError (one line, naming the file and the first bad key) for mismatched
     architectures or shapes, before any tensor data is read. `with_hash` adds the inputs' sha256
     (read once per file, then cached), needed for the output's provenance."""
+    reads = [(role, str(path)) for role, path in reads]
+    if out_path is not None:  # before opening anything: -o onto the recipe itself is refused first
+        refuse_overwrite(Path(out_path), reads)
     sources = open_sources(recipe)
     if out_path is not None:
-        _check_output_path(Path(out_path), sources)
+        _check_output_path(Path(out_path), sources, reads)
     base = _root_input(recipe, recipe.output)
     base_src = sources[base]
     for src in sources.values():
@@ -179,6 +188,7 @@ def plan_merge(
             if src.path.is_file():
                 src.sha256 = sha256_file(src.path)
                 _check_recorded_hash(recipe, src)
+    plan.reads = reads
     return plan
 
 
@@ -191,14 +201,10 @@ def _check_recorded_hash(recipe: Recipe, src: Source) -> None:
         )
 
 
-def _check_output_path(out: Path, sources: dict[str, Source]) -> None:
-    for src in sources.values():
-        try:
-            same = out.exists() and os.path.samefile(out, src.path)
-        except OSError:
-            same = False
-        if same or out.resolve() == src.path.resolve():
-            raise WorkbenchError(f"{out}: the output cannot be one of the inputs (it is input {src.name!r})")
+def _check_output_path(out: Path, sources: dict[str, Source], reads: Iterable[tuple[str, str]] = ()) -> None:
+    """The one identity check (device + inode after links, else the resolved path) of files.py,
+    over every input and every other file the command read."""
+    refuse_overwrite(out, [*((f"input {s.name!r}", s.path) for s in sources.values()), *reads])
     if not out.parent.is_dir():
         raise WorkbenchError(f"{out}: folder {out.parent} does not exist")
 
@@ -536,7 +542,7 @@ def execute(
     if threads < 1:
         raise WorkbenchError(f"--threads must be at least 1, got {threads}")
     out = Path(out_path)
-    _check_output_path(out, plan.sources)
+    _check_output_path(out, plan.sources, plan.reads)
     metadata = merge_metadata(plan, out, command)
     started = time.perf_counter()
     ev = _KeyEvaluator(plan, {s.name: i for i, s in enumerate(plan.recipe.steps)})

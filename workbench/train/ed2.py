@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from workbench.checkpoint.files import refuse_overwrite, write_text_atomic
 from workbench.documents import load_json_file
 from workbench.errors import WorkbenchError
 from workbench.train.optimizers import OPTIMIZERS
@@ -395,8 +396,7 @@ def write_recipe(imported: Ed2Import, output: str | os.PathLike) -> Path:
             lines.append(f"# {title}:")
             lines.extend(f"#   - {item}" for item in items)
     body = dump_yaml(imported.recipe)
+    inputs = [(f"the ED2 file {s.name}", s) for s in imported.sources]
+    refuse_overwrite(output, inputs)
     output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(output.name + ".partial")
-    tmp.write_text("\n".join(lines) + "\n" + body, encoding="utf-8")
-    os.replace(tmp, output)
-    return output
+    return write_text_atomic(output, "\n".join(lines) + "\n" + body, "the imported recipe", inputs)
