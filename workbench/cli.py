@@ -209,6 +209,7 @@ def swap_matrix_command(
     out_dir: Path = typer.Option(
         ..., "-o", "--out", help="Folder for grid.png, cells/, matrix.json, index.html."
     ),
+    force: bool = typer.Option(False, "--force", help="Render a matrix over 200 megapixels anyway."),
 ) -> None:
     """Render every (UNet from i, text encoder from j) combination and name the component that
     carries the change: rows are UNet sources, columns TE sources."""
@@ -220,9 +221,13 @@ def swap_matrix_command(
     from workbench.swap.matrix import swap_matrix
 
     width, height = parse_size(size)
+    from workbench.swap.matrix import check_matrix_size
+
     seed_list, _ = resolve_seeds(parse_axis_values("seed", seeds))
     paths = [Path(p) for p in split_csv(ckpts)]
-    n_pairs = len(read_prompts(prompts)) * len(seed_list)
+    prompt_list = read_prompts(prompts)
+    check_matrix_size(len(paths), len(prompt_list), len(seed_list), width, height, force)
+    n_pairs = len(prompt_list) * len(seed_list)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=out, transient=True) as bar:
         task = bar.add_task("building the pipeline", total=len(paths) ** 2 * n_pairs)
@@ -231,8 +236,8 @@ def swap_matrix_command(
             bar.update(task, completed=done, total=total, description=note)
 
         result = swap_matrix(
-            paths, read_prompts(prompts), seed_list, out_dir, steps=steps, cfg=cfg, sampler=sampler,
-            width=width, height=height, negative=negative, batch=batch, progress=progress,
+            paths, prompt_list, seed_list, out_dir, steps=steps, cfg=cfg, sampler=sampler,
+            width=width, height=height, negative=negative, batch=batch, progress=progress, force=force,
         )  # fmt: skip
     table = Table(title="swap matrix verdict", title_justify="left")
     for col in ("swapped in", "burn vs base", "drift from base"):

@@ -28,6 +28,17 @@ from typing import IO
 from workbench.errors import WorkbenchError
 
 TMP_SUFFIX = ".wb-tmp"
+_COMPLETED: list[Path] = []  # files renamed into place by this process, in order
+_CLEANED: set[str] = set()  # folders whose stale temporary files this process already removed
+
+
+def note_completed(path: Path) -> None:
+    """Record a file that is now complete in its final place (the CLI says so if Ctrl-C follows)."""
+    _COMPLETED.append(Path(path))
+
+
+def completed_files() -> list[Path]:
+    return list(_COMPLETED)
 _TMP_RE = re.compile(r"^\..+\.(\d+)\.[^.]+\.wb-tmp$")
 
 
@@ -147,7 +158,11 @@ def _pid_alive(pid: int) -> bool:
 def clean_stale_temps(folder: str | os.PathLike) -> list[Path]:
     """Remove the temporary files that writers killed mid-write left in `folder`: those whose name
     records a pid that no longer runs. A live writer's file is never touched."""
-    removed = []
+    removed: list[Path] = []
+    key = os.path.realpath(folder)
+    if key in _CLEANED:
+        return removed
+    _CLEANED.add(key)
     try:
         entries = list(os.scandir(folder))
     except OSError:
@@ -168,6 +183,15 @@ def clean_stale_temps(folder: str | os.PathLike) -> list[Path]:
         except OSError:
             pass
     return removed
+
+
+def remove_empty_dirs(*folders: Path) -> None:
+    """Remove each folder that is empty (in the order given: children first); leave anything else."""
+    for folder in folders:
+        try:
+            Path(folder).rmdir()
+        except OSError:
+            pass
 
 
 def temp_path_for(target: Path, folder: bool = False) -> Path:
@@ -221,6 +245,7 @@ def write_atomic(
         _fsync_path(tmp)
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, target)
+        note_completed(target)
     except OSError as e:
         tmp.unlink(missing_ok=True)
         if is_write_error(e):

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 from workbench.checkpoint.files import (
     clean_stale_temps,
     is_write_error,
+    note_completed,
     refuse_overwrite,
     temp_path_for,
     write_error,
@@ -249,6 +250,16 @@ class SafetensorsWriter:
         if not folder.is_dir():
             raise WorkbenchError(f"{self.path}: folder {folder} does not exist")
         clean_stale_temps(folder)  # what writers killed by SIGKILL left here
+        try:  # a 4 TB plan on a 100 GB disk is refused now, not after hours of writing
+            vfs = os.statvfs(folder)
+            free = vfs.f_bavail * vfs.f_frsize
+        except OSError:
+            free = None
+        if free is not None and self.total_bytes > free:
+            raise WorkbenchError(
+                f"{self.path}: cannot write the checkpoint: it needs {self.total_bytes:,} bytes, "
+                f"{folder} has {free:,} free; nothing was written"
+            )
         tmp = temp_path_for(self.path)
         try:
             fd = os.open(tmp, os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
@@ -319,6 +330,7 @@ class SafetensorsWriter:
             self._fd = None
             os.replace(self._tmp, self.path)
             self._tmp = None
+            note_completed(self.path)
         except OSError as e:
             self._discard()
             raise self._failed(e) from None
