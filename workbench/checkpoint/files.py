@@ -102,13 +102,12 @@ def read_text_file(path: str | os.PathLike, what: str, limit: int) -> str:
     st = check_regular(p, what)
     if st.st_size > limit:
         raise WorkbenchError(
-            f"{what} {p}: {st.st_size:,} bytes; a {what} over {limit:,} bytes is refused "
-            "(is this the right file?)"
+            f"{what} {p}: {st.st_size:,} bytes, over the {limit:,}-byte limit (is this the right file?)"
         )
     with open_regular(p, what) as f:
         raw = f.read(limit + 1)
     if len(raw) > limit:
-        raise WorkbenchError(f"{what} {p}: over {limit:,} bytes; refused")
+        raise WorkbenchError(f"{what} {p}: over the {limit:,}-byte limit (is this the right file?)")
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
@@ -183,6 +182,20 @@ def clean_stale_temps(folder: str | os.PathLike) -> list[Path]:
         except OSError:
             pass
     return removed
+
+
+def check_free_space(path: Path, nbytes: int, what: str = "the checkpoint") -> None:
+    """Refuse to start writing `nbytes` into `path`'s folder when the disk has less free."""
+    try:
+        vfs = os.statvfs(Path(path).parent)
+    except OSError:
+        return
+    free = vfs.f_bavail * vfs.f_frsize
+    if nbytes > free:
+        raise WorkbenchError(
+            f"{path}: cannot write {what}: it needs {nbytes:,} bytes, {Path(path).parent} has "
+            f"{free:,} free; nothing was written"
+        )
 
 
 def remove_empty_dirs(*folders: Path) -> None:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from workbench.checkpoint.files import (
+    check_free_space,
     clean_stale_temps,
     is_write_error,
     note_completed,
@@ -250,16 +251,7 @@ class SafetensorsWriter:
         if not folder.is_dir():
             raise WorkbenchError(f"{self.path}: folder {folder} does not exist")
         clean_stale_temps(folder)  # what writers killed by SIGKILL left here
-        try:  # a 4 TB plan on a 100 GB disk is refused now, not after hours of writing
-            vfs = os.statvfs(folder)
-            free = vfs.f_bavail * vfs.f_frsize
-        except OSError:
-            free = None
-        if free is not None and self.total_bytes > free:
-            raise WorkbenchError(
-                f"{self.path}: cannot write the checkpoint: it needs {self.total_bytes:,} bytes, "
-                f"{folder} has {free:,} free; nothing was written"
-            )
+        check_free_space(self.path, self.total_bytes)  # a 4 TB plan on a 100 GB disk: refused now
         tmp = temp_path_for(self.path)
         try:
             fd = os.open(tmp, os.O_RDWR | getattr(os, "O_CLOEXEC", 0))

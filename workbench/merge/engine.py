@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from workbench.checkpoint.describe import CONV_IN, FAMILY_OF, component_of, detect_architecture
-from workbench.checkpoint.files import refuse_overwrite
+from workbench.checkpoint.files import check_free_space, refuse_overwrite
 from workbench.checkpoint.hashing import sha256_file
 from workbench.checkpoint.reader import Checkpoint, open_checkpoint, with_current_key_names
 from workbench.checkpoint.safetensors_io import SafetensorsWriter, TensorInfo, read_header
@@ -183,6 +183,8 @@ def plan_merge(
         for key in src.ckpt.infos:
             if key not in out_keys:
                 plan.dropped.setdefault(key, []).append(src.name)
+    if out_path is not None:  # before hashing inputs: a 4 TB merge on a small disk is refused now
+        check_free_space(Path(out_path), plan.out_bytes)
     if with_hash:
         for src in sources.values():
             if src.path.is_file():
