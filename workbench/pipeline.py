@@ -95,7 +95,13 @@ def load_modules(
 
     ckpt = source if isinstance(source, Checkpoint) else open_checkpoint(source)
     spec = spec or model_spec(ckpt)
-    states = ldm_to_diffusers(ckpt, spec.layout if spec.layout != "sdxl-refiner" else "sdxl", spec.configs)
+    layout = spec.layout if spec.layout != "sdxl-refiner" else "sdxl"
+    try:
+        states = ldm_to_diffusers(ckpt, layout, spec.configs)
+    except WorkbenchError as e:
+        if str(ckpt.path) in str(e):
+            raise
+        raise WorkbenchError(f"{ckpt.path}: {e}") from None  # every refusal names the file
     modules = {}
     for name, state in states.items():
         module = _empty_module(name, spec.configs[name])

@@ -9,6 +9,7 @@ tensor data is read when a key is looked up.
 
 from __future__ import annotations
 
+import _compat_pickle
 import os
 import pickle
 import re
@@ -169,6 +170,9 @@ def _refused_global(path: Path) -> str | None:
     return next((name for name in found if not _state_dict_global(name)), None)
 
 
+_PY2_MODULES = _compat_pickle.IMPORT_MAPPING  # protocol 0-2 pickles name `commands`, `__builtin__`
+
+
 def _scan_pickle(data: bytes, start: int, found: list[str]) -> int | None:
     """Append the globals one pickle starting at `start` references; return where it ends."""
     import pickletools
@@ -187,7 +191,8 @@ def _scan_pickle(data: bytes, start: int, found: list[str]) -> int | None:
             elif op.name in ("BINGET", "LONG_BINGET", "GET") and isinstance(memo.get(arg), str):
                 strings.append(memo[arg])
             elif op.name in ("GLOBAL", "INST"):
-                found.append(str(arg).replace(" ", "."))
+                module, _, attr = str(arg).partition(" ")
+                found.append(f"{_PY2_MODULES.get(module, module)}.{attr}")  # as Python 3 reads it
             elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
                 found.append(f"{strings[-2]}.{strings[-1]}")
             elif op.name == "STOP":
