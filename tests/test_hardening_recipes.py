@@ -5,6 +5,7 @@ either accepted or refused with one WorkbenchError line, never another exception
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
@@ -90,6 +91,8 @@ def test_plain_yaml_still_reads_as_before():
 
 # --- fuzz ---------------------------------------------------------------------------------------
 
+FUZZ_EXAMPLES = int(os.environ.get("WB_FUZZ_EXAMPLES", "80"))  # a soak: WB_FUZZ_EXAMPLES=20000
+
 scalars = st.one_of(
     st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(allow_nan=True),
     st.text(max_size=12), st.sampled_from(["weighted", "add_diff", "A", "B", "fp16", "a.sft", "\x00"]),
@@ -103,7 +106,7 @@ fields = st.sampled_from(["inputs", "steps", "output", "dtype", "format", "descr
 documents = st.one_of(values, st.dictionaries(fields, values, max_size=6))
 
 
-@settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
 @given(documents)
 def test_fuzz_merge_recipe_documents_are_accepted_or_refused_in_one_line(doc):
     try:
@@ -119,7 +122,7 @@ def test_fuzz_merge_recipe_documents_are_accepted_or_refused_in_one_line(doc):
         assert "\n" not in str(e) and str(e).startswith("r.yaml")
 
 
-@settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
 @given(st.binary(max_size=200) | st.text(alphabet="{}[]&*!:- ,\n'\"ab01<", max_size=120).map(str.encode))
 def test_fuzz_yaml_bytes_are_read_or_refused_in_one_line(raw):
     try:
