@@ -73,6 +73,8 @@ def inspect(
         print_lora_description(describe_lora(path, with_hash=not no_hash), as_json)
         return
     d = describe(path, with_hash=not no_hash)
+    for warning in d.warnings:
+        err.print(f"[yellow]warning:[/] {d.path}: metadata {warning}", highlight=False, soft_wrap=True)
     if as_json:
         sys.stdout.write(json.dumps(d.to_json(), indent=2) + "\n")
         return
@@ -100,11 +102,12 @@ def inspect(
         for k, v in sorted(shown.items()):
             meta.add_row(k, v if len(v) <= 120 else v[:120] + " ... (--json shows all)")
         out.print(meta)
-    if "wb.swap" in d.metadata:
+    usable = d.usable_metadata()
+    if "wb.swap" in usable:
         swap_table = Table(title="assembled by wb swap", title_justify="left")
         for col in ("component", "from", "sha256"):
             swap_table.add_column(col)
-        for component, src in json.loads(d.metadata["wb.swap"]).items():
+        for component, src in json.loads(usable["wb.swap"]).items():
             swap_table.add_row(component, src.get("path", ""), (src.get("sha256") or "")[:10])
         out.print(swap_table)
     if "wb.merge_recipe" in d.metadata:
@@ -114,7 +117,7 @@ def inspect(
     if d.ancestry:
         from workbench.merge.provenance import render_ancestry
 
-        tree = render_ancestry(d.metadata)
+        tree = render_ancestry(usable)
         if tree is not None:
             out.print(tree)
 
@@ -225,6 +228,7 @@ def swap_matrix_command(
     out_dir: Path = typer.Option(
         ..., "-o", "--out", help="Folder for grid.png, cells/, matrix.json, index.html."
     ),
+    force: bool = typer.Option(False, "--force", help="Render a matrix over 200 megapixels anyway."),
 ) -> None:
     """Render every (UNet from i, text encoder from j) combination and name the component that
     carries the change: rows are UNet sources, columns TE sources."""
@@ -236,9 +240,13 @@ def swap_matrix_command(
     from workbench.swap.matrix import swap_matrix
 
     width, height = parse_size(size)
+    from workbench.swap.matrix import check_matrix_size
+
     seed_list, _ = resolve_seeds(parse_axis_values("seed", seeds))
     paths = [Path(p) for p in split_csv(ckpts)]
-    n_pairs = len(read_prompts(prompts)) * len(seed_list)
+    prompt_list = read_prompts(prompts)
+    check_matrix_size(len(paths), len(prompt_list), len(seed_list), width, height, force)
+    n_pairs = len(prompt_list) * len(seed_list)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=out, transient=True) as bar:
         task = bar.add_task("building the pipeline", total=len(paths) ** 2 * n_pairs)
@@ -247,8 +255,8 @@ def swap_matrix_command(
             bar.update(task, completed=done, total=total, description=note)
 
         result = swap_matrix(
-            paths, read_prompts(prompts), seed_list, out_dir, steps=steps, cfg=cfg, sampler=sampler,
-            width=width, height=height, negative=negative, batch=batch, progress=progress,
+            paths, prompt_list, seed_list, out_dir, steps=steps, cfg=cfg, sampler=sampler,
+            width=width, height=height, negative=negative, batch=batch, progress=progress, force=force,
         )  # fmt: skip
     table = Table(title="swap matrix verdict", title_justify="left")
     for col in ("swapped in", "burn vs base", "drift from base"):

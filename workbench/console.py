@@ -6,6 +6,8 @@ Only command modules import this; library code never prints.
 from __future__ import annotations
 
 import functools
+import signal
+import threading
 
 import typer
 from rich.console import Console
@@ -21,19 +23,47 @@ def fail(message: str) -> None:
     raise typer.Exit(2)
 
 
+def _sigterm_as_ctrl_c(signum, frame) -> None:
+    """SIGTERM does what Ctrl-C does at that moment: the handler installed for SIGINT runs (the
+    train loop's stops at the next step and saves), else KeyboardInterrupt unwinds every writer."""
+    handler = signal.getsignal(signal.SIGINT)
+    if callable(handler) and handler is not signal.default_int_handler:
+        handler(signal.SIGINT, frame)
+        return
+    raise KeyboardInterrupt
+
+
 def friendly(fn):
-    """Turn library errors into one line and exit code 2; Ctrl-C into exit 130 with no traceback
-    (every writer has removed its temporary file by then)."""
+    """Turn library errors into one line and exit code 2; Ctrl-C (and SIGTERM) into exit 130 with
+    no traceback (every writer has removed its temporary file by then)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        from workbench.checkpoint.files import completed_files
+
+        done_before = len(completed_files())
+        previous = None
+        if threading.current_thread() is threading.main_thread():
+            previous = signal.signal(signal.SIGTERM, _sigterm_as_ctrl_c)
         try:
             return fn(*args, **kwargs)
         except WorkbenchError as e:
             fail(str(e))
         except KeyboardInterrupt:
-            err.print("[yellow]interrupted[/]: nothing half-written was left behind")
+            kept = completed_files()[done_before:]
+            if kept:
+                names = ", ".join(str(p) for p in kept[-3:])
+                err.print(
+                    f"[yellow]interrupted[/]: {len(kept)} finished file(s) were written and kept "
+                    f"(last: {names}); nothing half-written was left behind",
+                    highlight=False, soft_wrap=True,
+                )  # fmt: skip
+            else:
+                err.print("[yellow]interrupted[/]: nothing was written; nothing half-written was left behind")
             raise typer.Exit(130) from None
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
 
     return wrapper
 

@@ -9,14 +9,13 @@ assigned in place, so building an SD1.5 pipeline costs little more than reading 
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 
-from workbench.checkpoint.describe import detect_architecture
+from workbench.checkpoint.describe import detect_architecture, json_metadata
 from workbench.checkpoint.reader import Checkpoint, open_checkpoint
 from workbench.errors import WorkbenchError
 
@@ -35,9 +34,20 @@ class ModelSpec:
 
 
 def model_spec(ckpt: Checkpoint) -> ModelSpec:
-    architecture, layout, variants = detect_architecture(ckpt.infos, ckpt.metadata)
+    try:
+        architecture, layout, variants = detect_architecture(ckpt.infos, ckpt.metadata)
+    except WorkbenchError as e:
+        raise WorkbenchError(f"{ckpt.path}: {e}") from None
     if "wb.diffusers_configs" in ckpt.metadata:
-        configs = json.loads(ckpt.metadata["wb.diffusers_configs"])
+        parsed, warnings = json_metadata({"wb.diffusers_configs": ckpt.metadata["wb.diffusers_configs"]})
+        if warnings:
+            raise WorkbenchError(f"{ckpt.path}: metadata {warnings[0]}: cannot build its pipeline")
+        configs = parsed["wb.diffusers_configs"]
+        if not {"unet", "vae", "text_encoder", "scheduler"} <= set(configs):
+            raise WorkbenchError(
+                f"{ckpt.path}: metadata wb.diffusers_configs lacks the unet, vae, text_encoder or "
+                "scheduler config: cannot build its pipeline"
+            )
     elif layout in CONFIG_SET and architecture != "toy":
         from workbench.configs import load_config
 
@@ -85,7 +95,13 @@ def load_modules(
 
     ckpt = source if isinstance(source, Checkpoint) else open_checkpoint(source)
     spec = spec or model_spec(ckpt)
-    states = ldm_to_diffusers(ckpt, spec.layout if spec.layout != "sdxl-refiner" else "sdxl", spec.configs)
+    layout = spec.layout if spec.layout != "sdxl-refiner" else "sdxl"
+    try:
+        states = ldm_to_diffusers(ckpt, layout, spec.configs)
+    except WorkbenchError as e:
+        if str(ckpt.path) in str(e):
+            raise
+        raise WorkbenchError(f"{ckpt.path}: {e}") from None  # every refusal names the file
     modules = {}
     for name, state in states.items():
         module = _empty_module(name, spec.configs[name])

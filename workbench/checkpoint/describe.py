@@ -57,6 +57,27 @@ def detect_layout(keys: Mapping[str, TensorInfo]) -> str:
     )
 
 
+# Keys whose shape wb reads to tell a model apart, with the number of dimensions they must have.
+RANK_OF = {CONV_IN: 4, "attn2.to_k.weight": 2, "attn2.to_q.weight": 2}
+
+
+def check_weight_ranks(keys: Mapping[str, TensorInfo], layout: str) -> None:
+    """A valid file can still be the wrong model: a weight of a known component stored as a
+    0-d scalar (or a conv as a vector) is refused here, by key, before any verb reads its shape."""
+    for key, info in keys.items():
+        want = RANK_OF.get(key) or next((r for end, r in RANK_OF.items() if key.endswith(end)), None)
+        if want is not None and key.startswith(UNET) and len(info.shape) != want:
+            raise WorkbenchError(
+                f"{key} has shape {list(info.shape)}, an {layout} checkpoint has a {want}-d weight there: "
+                "not a Stable Diffusion checkpoint wb can use"
+            )
+        if not info.shape and key.endswith(".weight") and component_of(key, layout) != "other":
+            raise WorkbenchError(
+                f"{key} is a 0-d scalar, an {layout} checkpoint has a weight tensor there: "
+                "not a Stable Diffusion checkpoint wb can use"
+            )
+
+
 def component_of(key: str, layout: str) -> str:
     if key.startswith(UNET):
         return "unet"
@@ -86,6 +107,7 @@ def detect_architecture(
 ) -> tuple[str, str, list[str]]:
     """(architecture, layout, variants). `toy` is a model in a real layout with non-real widths."""
     layout = detect_layout(keys)
+    check_weight_ranks(keys, layout)
     variants: list[str] = []
     conv_in = keys.get(CONV_IN)
     if conv_in is not None and len(conv_in.shape) == 4:
@@ -127,6 +149,13 @@ class Description:
     sha256: str | None = None
     autov2: str | None = None
     ancestry: dict | None = field(default=None)
+    # Metadata wb itself reads (wb.swap, sd_merge_models, ...) that is not what wb wrote there.
+    warnings: list[str] = field(default_factory=list)
+
+    def usable_metadata(self) -> dict[str, str]:
+        """The metadata without the JSON fields that failed to parse (see `warnings`)."""
+        bad = {w.split(":", 1)[0] for w in self.warnings}
+        return {k: v for k, v in self.metadata.items() if k not in bad}
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -161,9 +190,10 @@ def describe(path: str | os.PathLike | Checkpoint, with_hash: bool = True) -> De
     digest = None
     if with_hash and ckpt.path.is_file():
         digest = sha256_file(ckpt.path)
+    parsed, warnings = json_metadata(ckpt.metadata)
     ancestry = None
-    if "sd_merge_models" in ckpt.metadata or "sd_merge_recipe" in ckpt.metadata:
-        ancestry = _parse_json_fields(ckpt.metadata, ("sd_merge_recipe", "sd_merge_models"))
+    if "sd_merge_models" in parsed or "sd_merge_recipe" in parsed:
+        ancestry = {k: parsed[k] for k in ("sd_merge_recipe", "sd_merge_models") if k in parsed}
     return Description(
         path=str(ckpt.path),
         format=ckpt.format,
@@ -177,15 +207,46 @@ def describe(path: str | os.PathLike | Checkpoint, with_hash: bool = True) -> De
         sha256=digest,
         autov2=autov2(digest) if digest else None,
         ancestry=ancestry,
+        warnings=warnings,
     )
 
 
-def _parse_json_fields(metadata: Mapping[str, str], names: tuple[str, ...]) -> dict:
-    out = {}
-    for name in names:
-        if name in metadata:
-            try:
-                out[name] = json.loads(metadata[name])
-            except ValueError:
-                out[name] = metadata[name]
-    return out
+# Metadata fields holding JSON that wb reads back: each must be a JSON object.
+JSON_METADATA = ("wb.swap", "sd_merge_models", "sd_merge_recipe", "wb.merge_recipe", "wb.diffusers_configs")
+
+
+def json_metadata(metadata: Mapping[str, str]) -> tuple[dict[str, dict], list[str]]:
+    """The JSON fields wb reads, parsed, and one warning per field that is not a JSON object of the
+    expected shape (any file can carry any metadata: it is reported, never a crash)."""
+    parsed: dict[str, dict] = {}
+    warnings: list[str] = []
+    for name in JSON_METADATA:
+        if name not in metadata:
+            continue
+        try:
+            value = json.loads(metadata[name])
+        except RecursionError:
+            warnings.append(f"{name}: nested too deep to be wb's JSON; ignored")
+            continue
+        except ValueError as e:
+            warnings.append(f"{name}: not valid JSON ({str(e).splitlines()[0]}); ignored")
+            continue
+        bad = _shape_problem(name, value)
+        if bad:
+            warnings.append(f"{name}: {bad}; ignored")
+            continue
+        parsed[name] = value
+    return parsed, warnings
+
+
+def _shape_problem(name: str, value: object) -> str | None:
+    if not isinstance(value, dict):
+        return f"a JSON {type(value).__name__.replace('NoneType', 'null')}, not an object"
+    if name in ("wb.swap", "sd_merge_models", "wb.diffusers_configs"):
+        for k, v in value.items():
+            if not isinstance(v, dict):
+                return f"entry {k!r} is not an object"
+            strings = all(isinstance(v.get(f, ""), str | None) for f in ("path", "sha256"))
+            if name == "wb.swap" and not strings:
+                return f"entry {k!r} has a path or sha256 that is not a string"
+    return None

@@ -9,6 +9,7 @@ tensor data is read when a key is looked up.
 
 from __future__ import annotations
 
+import _compat_pickle
 import os
 import pickle
 import re
@@ -18,6 +19,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from workbench.checkpoint.files import check_regular
 from workbench.checkpoint.safetensors_io import SafetensorsFile, TensorInfo, info_of, read_header
 from workbench.errors import WorkbenchError
 
@@ -116,6 +118,7 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
 
             return open_diffusers_folder(p)
         raise WorkbenchError(f"{p}: a folder, but not a diffusers model (no model_index.json)")
+    check_regular(p)  # a named pipe, /dev/zero or a socket: refused before anything opens it
     suffix = p.suffix.lower()
     if suffix in PICKLE_SUFFIXES or (suffix not in SAFETENSORS_SUFFIXES and zipfile.is_zipfile(p)):
         return _open_pickle(p)
@@ -127,7 +130,92 @@ def _open_safetensors(path: Path) -> Checkpoint:
     return Checkpoint(path, "safetensors", dict(f.header.infos), f.tensor, f.header.metadata, f.close)
 
 
-_GLOBAL_RE = re.compile(r"(?:GLOBAL|global)[: ]+([\w.]+)")
+_GLOBAL_RE = re.compile(r"GLOBAL ([\w.]+)|global[: ]+(?!GLOBAL)([\w.]+)")
+# What a plain state dict's pickle references; anything else is what the refusal names.
+_SAFE_GLOBALS = {"collections.OrderedDict", "_codecs.encode", "builtins.set", "builtins.frozenset"}
+
+
+def _global_in_message(message: str) -> str | None:
+    found = _GLOBAL_RE.search(message)
+    if not found:
+        return None
+    return found.group(1) or found.group(2)
+
+
+def _pickle_bytes(path: Path, limit: int = 64 * 1024 * 1024) -> bytes:
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as z:
+            name = next((n for n in z.namelist() if n.endswith("data.pkl")), None)
+            if name is None or z.getinfo(name).file_size > limit:
+                return b""
+            return z.read(name)
+    with open(path, "rb") as f:
+        return f.read(limit)
+
+
+def _refused_global(path: Path) -> str | None:
+    """The first function or class the pickle references that a state dict never does: read from
+    the pickle's opcodes (never run), so the refusal can name it whatever torch's message says."""
+    try:
+        data = _pickle_bytes(path)
+    except (OSError, zipfile.BadZipFile, ValueError):
+        return None
+    found: list[str] = []
+    start = 0
+    for _ in range(8):  # legacy .ckpt files are several pickles back to back
+        end = _scan_pickle(data, start, found)
+        if end is None or end >= len(data):
+            break
+        start = end
+    return next((name for name in found if not _state_dict_global(name)), None)
+
+
+_PY2_MODULES = _compat_pickle.IMPORT_MAPPING  # protocol 0-2 pickles name `commands`, `__builtin__`
+
+
+def _scan_pickle(data: bytes, start: int, found: list[str]) -> int | None:
+    """Append the globals one pickle starting at `start` references; return where it ends."""
+    import pickletools
+
+    strings: list[str] = []
+    memo: dict[int, object] = {}
+    try:
+        for op, arg, pos in pickletools.genops(data[start:]):
+            if op.name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE", "BINUNICODE8", "SHORT_BINSTRING",
+                           "BINSTRING", "STRING"):  # fmt: skip
+                strings.append(str(arg))
+            elif op.name in ("BINPUT", "LONG_BINPUT", "PUT") and strings:
+                memo[arg] = strings[-1]
+            elif op.name == "MEMOIZE" and strings:
+                memo[len(memo)] = strings[-1]
+            elif op.name in ("BINGET", "LONG_BINGET", "GET") and isinstance(memo.get(arg), str):
+                strings.append(memo[arg])
+            elif op.name in ("GLOBAL", "INST"):
+                module, _, attr = str(arg).partition(" ")
+                found.append(f"{_PY2_MODULES.get(module, module)}.{attr}")  # as Python 3 reads it
+            elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                found.append(f"{strings[-2]}.{strings[-1]}")
+            elif op.name == "STOP":
+                return start + pos + 1
+    except Exception:  # a malformed pickle: what was found before the damage is reported
+        return None
+    return None
+
+
+def _state_dict_global(name: str) -> bool:
+    """Whether a plain state dict's pickle references `name`: tensor rebuilders, storages, dtypes,
+    OrderedDict, numpy's array reconstruction. Anything else (os.system, builtins.eval, ...) is not."""
+    if name in _SAFE_GLOBALS or name.startswith(("torch._utils._rebuild", "numpy.core.multiarray.",
+                                                  "numpy._core.multiarray.", "numpy.dtype", "numpy.ndarray")):
+        return True  # fmt: skip
+    if not name.startswith("torch."):
+        return False
+    import torch
+
+    obj: object = torch
+    for part in name.split(".")[1:]:
+        obj = getattr(obj, part, None)
+    return isinstance(obj, (torch.dtype, type))
 
 
 def load_pickle_weights_only(path: Path) -> object:
@@ -138,8 +226,8 @@ def load_pickle_weights_only(path: Path) -> object:
             warnings.simplefilter("ignore")
             return _torch_load(path)
     except pickle.UnpicklingError as e:
-        found = _GLOBAL_RE.search(str(e))
-        what = f"references {found.group(1)}" if found else "holds more than tensors and plain containers"
+        name = _refused_global(path) or _global_in_message(str(e))
+        what = f"references {name}" if name else "holds more than tensors and plain containers"
         raise WorkbenchError(
             f"{path}: refused: the pickle {what}; wb loads .ckpt files only with weights_only=True "
             "and never runs code from a checkpoint (convert it to .safetensors with a tool you trust)"

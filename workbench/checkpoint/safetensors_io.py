@@ -12,7 +12,6 @@ import json
 import mmap
 import os
 import struct
-import tempfile
 import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -20,6 +19,21 @@ from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from workbench.checkpoint.files import (
+    check_free_space,
+    clean_stale_temps,
+    is_write_error,
+    note_completed,
+    refuse_overwrite,
+    temp_path_for,
+    write_error,
+)
+from workbench.checkpoint.safetensors_header import (
+    BITSIZE,
+    MAX_HEADER_BYTES,  # noqa: F401  (re-exported)
+    check_coverage,
+    parse_header,
+)
 from workbench.errors import WorkbenchError
 
 if TYPE_CHECKING:
@@ -51,7 +65,6 @@ def dtype_names() -> dict[torch.dtype, str]:
 
 
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
-MAX_HEADER_BYTES = 100 * 1024 * 1024  # the reference implementation's own limit
 
 
 @dataclass(frozen=True)
@@ -70,7 +83,7 @@ class TensorInfo:
 
     @property
     def nbytes(self) -> int:
-        return self.numel * ITEMSIZE[self.dtype]
+        return self.numel * BITSIZE[self.dtype] // 8
 
     @property
     def is_float(self) -> bool:
@@ -78,7 +91,13 @@ class TensorInfo:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return torch_dtypes()[self.dtype]
+        found = torch_dtypes().get(self.dtype)
+        if found is None:
+            raise WorkbenchError(
+                f"dtype {self.dtype} is valid safetensors but wb cannot compute with it "
+                f"(it reads {', '.join(sorted(ITEMSIZE))})"
+            )
+        return found
 
 
 def info_of(tensor: torch.Tensor) -> TensorInfo:
@@ -97,82 +116,87 @@ class Header:
 
 
 def read_header(path: Path) -> Header:
-    """Parse and validate a safetensors header. Reads only the header bytes."""
+    """Parse and validate a safetensors header (see safetensors_header for the rules, the reference
+    library's). Reads only the header bytes; refuses anything that is not a regular file."""
+    from workbench.checkpoint.files import open_regular
+
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
+            size = os.fstat(f.fileno()).st_size
             raw_len = f.read(8)
             if len(raw_len) < 8:
                 raise WorkbenchError(f"{path}: not a safetensors file (only {size} bytes)")
             (n,) = struct.unpack("<Q", raw_len)
-            if n > MAX_HEADER_BYTES or 8 + n > size:
+            if n > MAX_HEADER_BYTES:
+                raise WorkbenchError(
+                    f"{path}: not a safetensors file (header length {n} is over the format's limit "
+                    f"of {MAX_HEADER_BYTES} bytes)"
+                )
+            if 8 + n > size:
                 raise WorkbenchError(f"{path}: not a safetensors file, or truncated (header length {n})")
             raw = f.read(n)
     except OSError as e:
         raise WorkbenchError(f"{path}: cannot read: {e.strerror}") from e
-    try:
-        doc = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise WorkbenchError(f"{path}: not a safetensors file (header is not JSON)") from e
-    if not isinstance(doc, dict):
-        raise WorkbenchError(f"{path}: not a safetensors file (header is not a JSON object)")
-
-    metadata = doc.pop("__metadata__", None) or {}
-    if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
-        raise WorkbenchError(f"{path}: __metadata__ must map strings to strings")
+    metadata, tensors = parse_header(raw, str(path))
     data_start = 8 + n
+    check_coverage(tensors, data_start, size, str(path))
     infos: dict[str, TensorInfo] = {}
     offsets: dict[str, tuple[int, int]] = {}
-    for key, entry in doc.items():
-        try:
-            dtype, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
-        except (KeyError, TypeError, ValueError) as e:
-            raise WorkbenchError(f"{path}: malformed header entry for key {key!r}") from e
-        if dtype not in ITEMSIZE:
-            raise WorkbenchError(f"{path}: key {key!r} has unsupported dtype {dtype}")
-        info = TensorInfo(dtype, shape)
-        if end - begin != info.nbytes or begin < 0:
-            raise WorkbenchError(f"{path}: key {key!r}: data_offsets do not match dtype and shape")
-        infos[key] = info
+    for key, (dtype, shape, begin, end) in tensors.items():
+        infos[key] = TensorInfo(dtype, shape)
         offsets[key] = (data_start + begin, data_start + end)
-    data_end = max((e for _, e in offsets.values()), default=data_start)
-    if data_end > size:
-        raise WorkbenchError(
-            f"{path}: truncated: the header promises {data_end - data_start} bytes of tensor data, "
-            f"the file holds {size - data_start}"
-        )
     return Header(infos, offsets, metadata, data_start)
 
 
 class SafetensorsFile:
-    """A memory-mapped safetensors file; `tensor(key)` costs no copy until the pages are touched."""
+    """A safetensors file whose tensors are memory-mapped one by one; `tensor(key)` costs no copy
+    until the pages are touched.
+
+    Each tensor gets its own private mapping of just its bytes: a private writable mapping is
+    charged against the machine's memory commit, so mapping a whole 4 TB (sparse) file at once
+    fails with ENOMEM even when only a few MB of it are ever read."""
 
     def __init__(self, path: Path):
         self.path = path
         self.header = read_header(path)
-        self._mmap: mmap.mmap | None = None
+        self._fd: int | None = None
 
-    def _map(self) -> mmap.mmap:
-        if self._mmap is None:
-            with open(self.path, "rb") as f:
-                # ACCESS_COPY: private pages, so the tensor is writable (torch wants that) while the
-                # file on disk can never be changed through it.
-                self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-        return self._mmap
+    def _open(self) -> int:
+        if self._fd is None:
+            from workbench.checkpoint.files import open_regular
+
+            with open_regular(self.path) as f:
+                self._fd = os.dup(f.fileno())
+        return self._fd
 
     def tensor(self, key: str) -> torch.Tensor:
         import torch
 
         info = self.header.infos[key]
-        begin, _ = self.header.offsets[key]
+        begin, end = self.header.offsets[key]
+        dtype = info.torch_dtype
         if info.numel == 0:
-            return torch.empty(info.shape, dtype=info.torch_dtype)
-        flat = torch.frombuffer(self._map(), dtype=info.torch_dtype, count=info.numel, offset=begin)
+            return torch.empty(info.shape, dtype=dtype)
+        start = begin - begin % mmap.ALLOCATIONGRANULARITY
+        try:
+            # ACCESS_COPY: private pages, so the tensor is writable (torch wants that) while the
+            # file on disk can never be changed through it.
+            mapped = mmap.mmap(self._open(), end - start, offset=start, access=mmap.ACCESS_COPY)
+        except (OSError, OverflowError, ValueError) as e:
+            why = getattr(e, "strerror", None) or str(e)
+            raise WorkbenchError(
+                f"{self.path}: cannot map tensor {key!r} ({end - begin} bytes): {why}"
+            ) from None
+        flat = torch.frombuffer(mapped, dtype=dtype, count=info.numel, offset=begin - start)
+        if (begin - start) % flat.element_size():
+            flat = flat.clone()  # a valid file may place a tensor off its alignment; compute on a copy
         return flat.view(info.shape)
 
     def close(self) -> None:
-        # Tensors handed out keep the buffer alive through torch's reference; closing is best effort.
-        self._mmap = None
+        # Tensors handed out keep their own mapping alive through torch's reference.
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
@@ -180,13 +204,6 @@ def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
 
     t = tensor.detach().to("cpu").contiguous().reshape(-1)
     return memoryview(t.view(torch.uint8).numpy()).cast("B")
-
-
-def _same_file(a: Path, b: Path) -> bool:
-    try:
-        return a.exists() and b.exists() and os.path.samefile(a, b)
-    except OSError:
-        return False
 
 
 class SafetensorsWriter:
@@ -208,9 +225,7 @@ class SafetensorsWriter:
         self.path = Path(path)
         self.plan = dict(plan)
         self.metadata = {str(k): str(v) for k, v in (metadata or {}).items()}
-        for src in inputs:
-            if _same_file(self.path, Path(src)):
-                raise WorkbenchError(f"{self.path}: refusing to overwrite an input of this command")
+        refuse_overwrite(self.path, (("an input", src) for src in inputs))
         header: dict[str, object] = {}
         if self.metadata:
             header["__metadata__"] = self.metadata
@@ -239,18 +254,33 @@ class SafetensorsWriter:
         folder = self.path.parent
         if not folder.is_dir():
             raise WorkbenchError(f"{self.path}: folder {folder} does not exist")
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".wb-tmp", dir=folder)
-        self._fd, self._tmp = fd, Path(tmp)
+        clean_stale_temps(folder)  # what writers killed by SIGKILL left here
+        check_free_space(self.path, self.total_bytes)  # a 4 TB plan on a 100 GB disk: refused now
+        tmp = temp_path_for(self.path)
+        try:
+            fd = os.open(tmp, os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise write_error(self.path, "the checkpoint", e) from None
+        self._fd, self._tmp = fd, tmp
         try:
             # mkstemp makes the file private (0600); a checkpoint gets what any new file gets, so a
             # UI running as another user or group can read it.
             os.fchmod(fd, 0o666 & ~_umask())
             os.ftruncate(fd, self.total_bytes)
             self._pwrite(memoryview(self._prefix), 0)
+        except OSError as e:
+            self._discard()
+            raise self._failed(e) from None
         except BaseException:
             self._discard()
             raise
         return self
+
+    def _failed(self, e: OSError) -> Exception:
+        if is_write_error(e):
+            return write_error(self.path, f"the checkpoint ({self.total_bytes:,} bytes)", e)
+        return e
 
     def _pwrite(self, data: memoryview, offset: int) -> None:
         assert self._fd is not None, "use the writer as a context manager"
@@ -338,6 +368,8 @@ class SafetensorsWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
             self._discard()
+            if isinstance(exc, OSError) and is_write_error(exc):
+                raise self._failed(exc) from None
             return
         missing = [k for k in self.plan if k not in self._written]
         if missing:
@@ -351,10 +383,14 @@ class SafetensorsWriter:
             self._fd = None
             os.replace(self._tmp, self.path)
             self._tmp = None
-            _fsync_dir(self.path.parent)
+            note_completed(self.path)
+        except OSError as e:
+            self._discard()
+            raise self._failed(e) from None
         except BaseException:
             self._discard()
             raise
+        _fsync_dir(self.path.parent)
 
 
 def _umask() -> int:

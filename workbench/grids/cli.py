@@ -22,14 +22,14 @@ from workbench.grids.plan import POSITIONS, GridRequest, Plan, make_plan
 KINDS_HELP = ", ".join(kinds())
 
 
+MAX_PROMPT_FILE_BYTES = 1_000_000  # ~10,000 long prompts; /dev/zero or a model file is refused
+
+
 def read_prompts(path: Path) -> list[str]:
-    """One prompt per non-empty line of a UTF-8 text file."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise WorkbenchError(f"--prompts {path}: no such file") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise WorkbenchError(f"--prompts {path}: cannot read: {e}") from None
+    """One prompt per non-empty line of a UTF-8 text file (a regular file of at most 1 MB)."""
+    from workbench.checkpoint.files import read_text_file
+
+    text = read_text_file(path, "--prompts", MAX_PROMPT_FILE_BYTES)
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 

@@ -14,6 +14,8 @@ from pathlib import Path
 from PIL import Image
 
 from workbench import __version__
+from workbench.checkpoint import files
+from workbench.checkpoint.files import remove_empty_dirs
 from workbench.checkpoint.hashing import autov2, sha256_file
 from workbench.grids import layout, metrics, report
 from workbench.grids.infotext import cell_fields, grid_fields, subgrid_firsts
@@ -55,14 +57,9 @@ def checkpoint_hashes(path: Path) -> tuple[str | None, str | None]:
 
 
 def write_atomic(path: Path, write) -> Path:
-    """Write through a temporary file and rename, so an interrupted run leaves no half-written file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    """Write through a temporary file and rename, so an interrupted run leaves no half-written file;
+    a full disk is one line naming the file (see checkpoint/files.py)."""
+    return files.write_atomic(path, write, path.name)
 
 
 def clear_old_cells(folder: Path) -> None:
@@ -162,8 +159,19 @@ def make_grid(
     # Load the CLIP model before anything else: a bad --clip-weights should fail in seconds, not after.
     if clip_scorer is None and clip_weights is not None:
         clip_scorer = metrics.load_clip_scorer(clip_model, clip_weights, device or "cpu")
+    made = [d for d in (cells_dir, out) if not d.exists()]
     cells_dir.mkdir(parents=True, exist_ok=True)
     clear_old_cells(cells_dir)
+    try:
+        return _render_into(plan, out, cells_dir, batch, clip_scorer, clip_weights, device, dtype, progress)
+    except BaseException:
+        remove_empty_dirs(*made)  # a refused run leaves no empty cells/ (nor the folder it made)
+        raise
+
+
+def _render_into(  # noqa: PLR0913
+    plan, out: Path, cells_dir: Path, batch, clip_scorer, clip_weights, device, dtype, progress
+) -> GridResult:
 
     # Hash in the background: a first look at a 7 GB file takes seconds to read, and the first PNG
     # needs its checkpoint's hash only once the pipeline is built and a batch sampled.

@@ -179,10 +179,10 @@ def _merge_command(
     _run(recipe, output, threads, dry_run, _command_line(name, [*paths, "-o", output], options))
 
 
-def _run(recipe, output: Path, threads: int, dry_run: bool, command: str) -> None:
+def _run(recipe, output: Path, threads: int, dry_run: bool, command: str, reads=()) -> None:
     from workbench.merge.engine import plan_merge
 
-    plan = plan_merge(recipe, output)
+    plan = plan_merge(recipe, output, reads=reads)
     try:
         if dry_run:
             _print_plan(plan, output)
@@ -479,7 +479,7 @@ def run(
     command = _command_line("run", [recipe_path], opts) + "".join(
         f" --input {shlex.quote(i)}" for i in inputs or []
     )
-    _run(recipe, target, threads, dry_run, command)
+    _run(recipe, target, threads, dry_run, command, reads=[("the recipe", recipe_path)])
 
 
 @merge_app.command("replay")
@@ -494,10 +494,13 @@ def replay(
     dry_run: bool = _dry_opt(),
 ) -> None:
     """Re-run the recipe recorded in a merged file, bit-identically; inputs are found by path or sha256."""
+    from workbench.checkpoint.files import refuse_overwrite
     from workbench.merge.replay import replay_recipe
 
+    refuse_overwrite(output, [("the merged file replayed", merged)])  # before hashing any input
     recipe = replay_recipe(merged, search or [])
-    _run(recipe, output, threads, dry_run, _command_line("replay", [merged], {"output": output}))
+    command = _command_line("replay", [merged], {"output": output})
+    _run(recipe, output, threads, dry_run, command, reads=[("the merged file replayed", merged)])
 
 
 @merge_app.command("copy")

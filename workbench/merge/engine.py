@@ -23,7 +23,7 @@ import queue
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from workbench.checkpoint.describe import CONV_IN, FAMILY_OF, component_of, detect_architecture
+from workbench.checkpoint.files import check_free_space, refuse_overwrite
 from workbench.checkpoint.hashing import sha256_file
 from workbench.checkpoint.reader import Checkpoint, open_checkpoint, with_current_key_names
 from workbench.checkpoint.safetensors_io import SafetensorsWriter, TensorInfo, read_header
@@ -100,6 +101,8 @@ class MergePlan:
     dropped: dict[str, list[str]] = field(default_factory=dict)  # key -> inputs having it; not written
     partial: list[str] = field(default_factory=list)
     discarded: list[str] = field(default_factory=list)  # keys matching the recipe's discard pattern
+    # Files the command read besides the inputs (the recipe, the merged file replayed): never output.
+    reads: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def out_bytes(self) -> int:
@@ -175,16 +178,22 @@ def _bind_loras(recipe: Recipe, sources: dict[str, Source]) -> None:
 
 
 def plan_merge(
-    recipe: Recipe, out_path: str | os.PathLike | None = None, with_hash: bool = True
+    recipe: Recipe,
+    out_path: str | os.PathLike | None = None,
+    with_hash: bool = True,
+    reads: Iterable[tuple[str, str | os.PathLike]] = (),
 ) -> MergePlan:
     """Check everything that can be checked from the headers and decide what happens to every key.
 
     Raises WorkbenchError (one line, naming the file and the first bad key) for mismatched
     architectures or shapes, before any tensor data is read. `with_hash` adds the inputs' sha256
     (read once per file, then cached), needed for the output's provenance."""
+    reads = [(role, str(path)) for role, path in reads]
+    if out_path is not None:  # before opening anything: -o onto the recipe itself is refused first
+        refuse_overwrite(Path(out_path), reads)
     sources = open_sources(recipe)
     if out_path is not None:
-        _check_output_path(Path(out_path), sources)
+        _check_output_path(Path(out_path), sources, reads)
     base = _root_input(recipe, recipe.output)
     base_src = sources[base]
     if base_src.architecture == "lora":
@@ -222,11 +231,14 @@ def plan_merge(
         for key in src.ckpt.infos:
             if key not in out_keys:
                 plan.dropped.setdefault(key, []).append(src.name)
+    if out_path is not None:  # before hashing inputs: a 4 TB merge on a small disk is refused now
+        check_free_space(Path(out_path), plan.out_bytes)
     if with_hash:
         for src in sources.values():
             if src.path.is_file():
                 src.sha256 = sha256_file(src.path)
                 _check_recorded_hash(recipe, src)
+    plan.reads = reads
     return plan
 
 
@@ -239,23 +251,17 @@ def _check_recorded_hash(recipe: Recipe, src: Source) -> None:
         )
 
 
-def _check_output_path(out: Path, sources: dict[str, Source]) -> None:
-    for src in sources.values():
-        try:
-            same = out.exists() and os.path.samefile(out, src.path)
-        except OSError:
-            same = False
-        if same or out.resolve() == src.path.resolve():
-            raise WorkbenchError(f"{out}: the output cannot be one of the inputs (it is input {src.name!r})")
+def _check_output_path(out: Path, sources: dict[str, Source], reads: Iterable[tuple[str, str]] = ()) -> None:
+    """The one identity check (device + inode after links, else the resolved path) of files.py,
+    over every input and every other file the command read."""
+    refuse_overwrite(out, [*((f"input {s.name!r}", s.path) for s in sources.values()), *reads])
     if not out.parent.is_dir():
         raise WorkbenchError(f"{out}: folder {out.parent} does not exist")
 
 
 def _root_input(recipe: Recipe, node: str) -> str:
     """The input a node's keys come from: a step's value is shaped like its first input's."""
-    while (step := recipe.step(node)) is not None:
-        node = step.inputs[0]
-    return node
+    return recipe.root_input(node)
 
 
 def _check_same_architecture(a: Source, b: Source) -> None:
@@ -324,7 +330,7 @@ def _plan_key(
         partial = _check_shapes(key, step, a, others, recipe, sources)
         if partial is not None and key not in plan.partial:
             plan.partial.append(key)
-        calls.append(StepCall(step.key_params(weight), partial))
+        calls.append(_step_call(step, weight, partial))
 
     # Follow the output back through pass-throughs: a file reached that way is copied, not merged.
     node, merged = recipe.output, False
@@ -350,9 +356,21 @@ def _plan_key(
     return KeyPlan(key, out, component, "merge", source, tuple(calls), chunked)
 
 
+def _step_call(step: Step, weight: float, partial: int | None) -> StepCall:
+    """One shared StepCall per (step, weight, partial): a recipe of many steps asks for it for every
+    key, and the call is immutable."""
+    memo = step.__dict__.setdefault("_calls", {})
+    found = memo.get((weight, partial))
+    if found is None:
+        found = memo[(weight, partial)] = StepCall(step.key_params(weight), partial)
+    return found
+
+
 def _check_shapes(key, step: Step, a: TensorInfo, others, recipe: Recipe, sources) -> int | None:
     """None when every input matches A's shape; the channel count to merge for an inpainting or
     instruct-pix2pix A (8 or 9 input channels) with a normal 4-channel model, as A1111 does."""
+    if all(info.is_float and info.shape == a.shape for _, info in others):
+        return None  # the usual case, asked for every key of every step: no lookups
     partial = None
     a_path = sources[_root_input(recipe, step.inputs[0])].path
     for ref, info in others:
@@ -665,7 +683,7 @@ def execute(
     if threads < 1:
         raise WorkbenchError(f"--threads must be at least 1, got {threads}")
     out = Path(out_path)
-    _check_output_path(out, plan.sources)
+    _check_output_path(out, plan.sources, plan.reads)
     metadata = merge_metadata(plan, out, command)
     started = time.perf_counter()
     ev = _KeyEvaluator(plan, {s.name: i for i, s in enumerate(plan.recipe.steps)})

@@ -224,6 +224,9 @@ LORA_METHOD = "lora"
 
 
 def get_method(name: str) -> Method:
+    found = METHODS.get(name)
+    if found is not None:
+        return found
     wanted = name.strip().lower()
     for method in METHODS.values():
         if wanted == method.name or wanted in method.aliases:

@@ -27,11 +27,11 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import yaml
-
+from workbench.documents import load_yaml_file, parse_json
 from workbench.errors import WorkbenchError
 from workbench.merge.blocks import parse_blocks
 from workbench.merge.methods import LORA_METHOD, Method, check_params, get_method
+from workbench.merge.recipe_schema import check_document
 
 RECIPE_FORMAT = "wb-merge-recipe/1"
 DTYPES = {"fp16": "F16", "bf16": "BF16", "fp32": "F32"}
@@ -105,7 +105,41 @@ class Recipe:
         return next((i for i in self.inputs if i.name == name), None)
 
     def step(self, name: str) -> Step | None:
-        return next((s for s in self.steps if s.name == name), None)
+        # A name -> step index, rebuilt whenever the list changed: planning asks this for every key
+        # of every step, and a 1,500-step recipe would otherwise be quadratic per key.
+        found = self._index().get(name)
+        if found is not None and found.name == name:
+            return found
+        if found is not None:  # a step renamed in place: rebuild and ask again
+            self.__dict__.pop("_step_index", None)
+            return self._index().get(name)
+        return None
+
+    def _index(self) -> dict[str, Step]:
+        cached = self.__dict__.get("_step_index")
+        if cached is None or cached[0] is not self.steps or cached[1] != len(self.steps):
+            index = {}
+            for s in self.steps:
+                index.setdefault(s.name, s)
+            cached = (self.steps, len(self.steps), index, {})
+            self.__dict__["_step_index"] = cached
+        return cached[2]
+
+    def root_input(self, node: str) -> str:
+        """The input a node's keys come from: a step's value is shaped like its first input's."""
+        self._index()
+        roots = self.__dict__["_step_index"][3]
+        if node not in roots:
+            walked = []
+            while (step := self.step(node)) is not None and node not in roots:
+                walked.append(node)
+                node = step.inputs[0]
+            root = roots.get(node, node)
+            for name in walked:
+                roots[name] = root
+            roots.setdefault(node, root)
+            return root
+        return roots[node]
 
     @property
     def output_step(self) -> Step:
@@ -365,14 +399,8 @@ def load_yaml(
 ) -> tuple[Recipe, str | None]:
     """Read a YAML recipe; `overrides` replace input paths by name, `output` picks another step."""
     p = Path(path)
-    try:
-        doc = yaml.safe_load(p.read_text())
-    except OSError as e:
-        raise WorkbenchError(f"{p}: cannot read: {e.strerror}") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        line = f" at line {mark.line + 1}" if mark else ""
-        raise WorkbenchError(f"{p}: not valid YAML{line}") from None
+    doc = load_yaml_file(p, "")
+    check_document(doc, str(p))
     recipe, out_path = from_dict(doc, str(p))
     for name, new_path in (overrides or {}).items():
         inp = recipe.input(name)
@@ -388,12 +416,13 @@ def load_yaml(
 
 def from_json(text: str, where: str) -> Recipe:
     try:
-        doc = json.loads(text)
-    except ValueError:
+        doc = parse_json(text, where)
+    except WorkbenchError:
         raise WorkbenchError(f"{where}: the recorded recipe is not valid JSON") from None
     found = doc.get("format") if isinstance(doc, Mapping) else None
     if found != RECIPE_FORMAT:
         raise WorkbenchError(f"{where}: not a wb merge recipe (format {found!r}, expected {RECIPE_FORMAT})")
+    check_document(doc, where)
     try:
         inputs = [Input(**i) for i in doc["inputs"]]
         steps = [Step(**s) for s in doc["steps"]]

@@ -93,7 +93,10 @@ def swap_components(
 
     layouts = {}
     for path, ckpt in opened.items():
-        _, layout, _ = detect_architecture(ckpt.infos, ckpt.metadata)
+        try:
+            _, layout, _ = detect_architecture(ckpt.infos, ckpt.metadata)
+        except WorkbenchError as e:
+            raise WorkbenchError(f"{path}: {e}") from None
         layouts[path] = layout
     if len(set(layouts.values())) > 1:
         listing = ", ".join(f"{Path(p).name} is {lay}" for p, lay in layouts.items())

@@ -103,6 +103,23 @@ def _mean(values: list[float]) -> float:
     return float(sum(values) / len(values)) if values else 0.0
 
 
+def check_matrix_size(
+    n_ckpts: int, n_prompts: int, n_seeds: int, width: int, height: int, force: bool
+) -> int:
+    """The number of images the matrix would render, refused over the grid's megapixel limit."""
+    from workbench.grids.plan import MAX_MEGAPIXELS
+
+    images = n_ckpts * n_ckpts * n_prompts * n_seeds
+    megapixels = images * width * height / 1e6
+    if megapixels > MAX_MEGAPIXELS and not force:
+        raise WorkbenchError(
+            f"the swap matrix would render {images:,} images ({n_ckpts}x{n_ckpts} checkpoints x "
+            f"{n_prompts:,} prompts x {n_seeds:,} seeds, {megapixels:,.0f} megapixels, over the limit "
+            f"of {MAX_MEGAPIXELS:.0f}); use fewer prompts or seeds, or --force"
+        )
+    return images
+
+
 def swap_matrix(
     checkpoints: list[str | os.PathLike],
     prompts: list[str],
@@ -118,8 +135,11 @@ def swap_matrix(
     device: str | None = None,
     dtype=None,
     progress: Progress | None = None,
+    force: bool = False,
 ) -> MatrixResult:
-    """Render every UNet x TE combination of `checkpoints` (the first is the base) into `out_dir`."""
+    """Render every UNet x TE combination of `checkpoints` (the first is the base) into `out_dir`.
+    Like the grid, a matrix over MAX_MEGAPIXELS of images is refused (counted, not built) unless
+    `force`."""
     import torch
 
     from workbench.pipeline import build_pipeline, load_weights_into
@@ -129,6 +149,7 @@ def swap_matrix(
         raise WorkbenchError("--ckpts: the swap matrix needs at least two checkpoints (the base first)")
     if not prompts:
         raise WorkbenchError("--prompts: no prompts")
+    check_matrix_size(len(paths), len(prompts), len(seeds), width, height, force)
     resolve(sampler)  # an unknown sampler fails before anything is loaded
     configs = [configs_and_scheduler(p) for p in paths]
     for path, (cfgs, _) in zip(paths[1:], configs[1:], strict=True):

@@ -18,6 +18,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
+from workbench.checkpoint.files import refuse_overwrite
 from workbench.console import err, friendly, out
 from workbench.errors import WorkbenchError
 
@@ -257,8 +258,9 @@ def recipe_from_ed2(
     read from beside it) into a wb recipe. Keys wb cannot honour are listed, never dropped silently."""
     from workbench.train.ed2 import import_ed2, write_recipe
 
+    refuse_overwrite(output, [("the ED2 file", train_json)])  # before reading it
     imported = import_ed2(train_json)
-    path = write_recipe(imported, output)
+    path = write_recipe(imported, output)  # refuses -o onto any other file it read
     _print_import_notes(imported, path)
     out.print(f"wrote [bold]{path}[/] (from {train_json}; check it with wb recipe show {path})")
 
@@ -305,6 +307,9 @@ def lr_find(
 
     if pick not in lf.PICKS:
         raise WorkbenchError(f"--pick {pick}: choose one of {', '.join(lf.PICKS)}")
+    reads = [("the recipe", recipe), ("the run record", from_run / "run.json" if from_run else None)]
+    if write_recipe is not None:  # refused now, not after minutes of range test
+        refuse_overwrite(write_recipe, reads)
     started = time.time()
     if from_run is not None:
         if recipe is not None:
@@ -369,7 +374,7 @@ def lr_find(
             f"written by wb lr-find from {recipe or from_run}: constant lr {shown} for {component}\n"
             f"({pick}; lower {low}, upper {high}){'; ' + forced_note if forced_note else ''}"
         )
-        path = lf.write_recipe(write_recipe, written, note)
+        path = lf.write_recipe(write_recipe, written, note, reads)
         out.print(f"wrote [bold]{path}[/]: constant lr {shown} ({pick}) for {component}")
 
 

@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from workbench.checkpoint.files import refuse_overwrite, write_text_atomic
+from workbench.documents import load_json_file
 from workbench.errors import WorkbenchError
 from workbench.train import ed2_optimizer as eo
 from workbench.train.ed2_buckets import ED2_BUCKETS
@@ -121,12 +123,9 @@ class Ed2Import:
 
 
 def _read_json(path: Path, what: str) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise WorkbenchError(f"{path}: no such {what}") from None
-    except json.JSONDecodeError as e:
-        raise WorkbenchError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
+    if not path.exists():
+        raise WorkbenchError(f"{path}: no such {what}")
+    data = load_json_file(path, "")  # regular file, bounded size, UTF-8, no duplicate keys
     if not isinstance(data, dict):
         raise WorkbenchError(f"{path}: expected a JSON object")
     return data
@@ -614,8 +613,7 @@ def write_recipe(imported: Ed2Import, output: str | os.PathLike) -> Path:
             lines.append(f"# {title}:")
             lines.extend(f"#   - {item}" for item in items)
     body = dump_yaml(imported.recipe)
+    inputs = [(f"the ED2 file {s.name}", s) for s in imported.sources]
+    refuse_overwrite(output, inputs)
     output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(output.name + ".partial")
-    tmp.write_text("\n".join(lines) + "\n" + body, encoding="utf-8")
-    os.replace(tmp, output)
-    return output
+    return write_text_atomic(output, "\n".join(lines) + "\n" + body, "the imported recipe", inputs)

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from workbench.checkpoint.files import remove_empty_dirs
 from workbench.errors import WorkbenchError
 from workbench.train.bookkeeping import Progress, RunState
 from workbench.train.buckets import BucketBatchSampler, bucket_counts
@@ -96,7 +97,19 @@ class TrainResult:
         self.steps_per_second = self.steps / self.train_seconds if self.train_seconds > 0 else 0.0
 
 
-def train(
+def train(*args, **kwargs) -> TrainResult:
+    """See `_train`. A run refused before it could start leaves no empty checkpoints/ or run folder."""
+    run_dir = Path(kwargs["run_dir"] if "run_dir" in kwargs else args[1])
+    existed = run_dir.exists()
+    try:
+        return _train(*args, **kwargs)
+    except BaseException:
+        if not kwargs.get("resume"):
+            remove_empty_dirs(run_dir / "checkpoints", *(() if existed else (run_dir,)))
+        raise
+
+
+def _train(
     recipe: Recipe,
     run_dir: str | os.PathLike,
     progress: Callable[[Progress], None] | None = None,

@@ -48,6 +48,7 @@ from pathlib import Path
 
 import numpy as np
 
+from workbench.checkpoint.files import refuse_overwrite, write_text_atomic
 from workbench.errors import WorkbenchError
 
 DIVERGE_FACTOR = 4.0  # a loss over this many times the best so far has diverged
@@ -726,14 +727,13 @@ def base_recipe_of(run_dir: str | os.PathLike) -> dict:
     return recipe
 
 
-def write_recipe(path: str | os.PathLike, recipe, note: str) -> Path:
+def write_recipe(path: str | os.PathLike, recipe, note: str, inputs=()) -> Path:
+    """Write the recipe; `inputs` are (role, path) of the files the command read: never overwritten."""
     path = Path(path)
+    refuse_overwrite(path, inputs)
     path.parent.mkdir(parents=True, exist_ok=True)
     header = "".join(f"# {line}\n" for line in note.splitlines())
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(header + recipe.to_yaml(), encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(path, header + recipe.to_yaml(), "the recipe", inputs)
 
 
 # --- the report: lr_find.png, lr_find.json, index.html -------------------------------------------------

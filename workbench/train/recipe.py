@@ -22,6 +22,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from workbench.documents import load_yaml_file, parse_yaml
 from workbench.errors import WorkbenchError
 from workbench.train.optimizers import OPTIMIZERS, OPTION_NAMES, OptimizerSettings, optimizer_spec
 
@@ -506,14 +507,9 @@ def dump_yaml(data: dict) -> str:
 def load_recipe(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     """Read a YAML recipe, apply `--set a.b=value` overrides, validate. Errors name file and field."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise WorkbenchError(f"{path}: no such recipe file")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" (line {mark.line + 1})" if mark is not None else ""
-        raise WorkbenchError(f"{path}: not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+    data = load_yaml_file(path, "")  # regular file, bounded size, UTF-8, plain values, bounded aliases
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -540,9 +536,10 @@ def apply_override(data: dict, item: str) -> str:
     if not sep or not key or any(not part for part in key.split(".")):
         raise WorkbenchError(f"--set {item}: expected section.field=value, e.g. training.max_steps=40")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        raise WorkbenchError(f"--set {item}: the value is not valid YAML") from None
+        value = parse_yaml(raw, f"--set {item}") if raw.strip() else ""
+    except WorkbenchError as e:
+        why = str(e).split(": ", 1)[-1]
+        raise WorkbenchError(f"--set {item}: the value is not valid YAML ({why})") from None
     value = _yaml11_float(value)
     node = data
     parts = key.split(".")
