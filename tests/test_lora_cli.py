@@ -221,7 +221,7 @@ def test_cli_refusals(planted, tmp_path):
     line = one_error_line(["lora", "resize", lora, "-o", tmp_path / "o.safetensors"])
     assert "needs --rank R or --fro F" in line
     line = one_error_line(["lora", "bake", base, f"{lora}", "-o", lora])
-    assert "cannot be one of the inputs" in line
+    assert "refusing to overwrite input" in line
     assert list(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
 
 

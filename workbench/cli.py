@@ -110,10 +110,10 @@ def inspect(
         for component, src in json.loads(usable["wb.swap"]).items():
             swap_table.add_row(component, src.get("path", ""), (src.get("sha256") or "")[:10])
         out.print(swap_table)
-    if "wb.merge_recipe" in d.metadata:
+    if "wb.merge_recipe" in usable:
         from workbench.lora.cli import print_baked
 
-        print_baked(d.metadata)
+        print_baked(usable)
     if d.ancestry:
         from workbench.merge.provenance import render_ancestry
 

@@ -354,7 +354,9 @@ def baked_loras(metadata: dict[str, str]) -> list[dict]:
         return []
     try:
         recipe = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):
+        return []
+    if not isinstance(recipe, dict):
         return []
     inputs = {i.get("name"): i for i in recipe.get("inputs", []) if isinstance(i, dict)}
     rows = []

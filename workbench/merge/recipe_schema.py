@@ -79,6 +79,8 @@ class RecipeDoc(_Strict):
     ]
     output: StrictStr | OutputDoc | None = None
     dtype: StrictStr = "fp16"
+    vae_from: StrictStr | None = None  # merge (A1111's key set) or A; absent in recipes recorded before it
+    discard: StrictStr | None = None  # a regular expression, checked by recipe.py
     # What a merged file records beside the recipe, for people: read by no one.
     wb_version: object = None
     block_names: object = None
