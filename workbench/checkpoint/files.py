@@ -255,7 +255,7 @@ def write_atomic(
     tmp = temp_path_for(target)
     try:
         write(tmp)
-        _fsync_path(tmp)
+        fsync_file(tmp)
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, target)
         note_completed(target)
@@ -279,10 +279,25 @@ def write_text_atomic(
     return write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"), what, inputs)
 
 
-def _fsync_path(path: Path) -> None:
+def fsync_file(path: Path) -> None:
+    """Flush a file already written and closed (by torch.save, PIL, ...) to the disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make a new file's directory entry durable too (POSIX; a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
     finally:
         os.close(fd)
 

@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING
 from workbench.checkpoint.files import (
     check_free_space,
     clean_stale_temps,
+    fsync_dir,
+    fsync_file,  # noqa: F401  (re-exported: workbench/train/resume.py imports it from here)
     is_write_error,
     note_completed,
     refuse_overwrite,
@@ -390,35 +392,13 @@ class SafetensorsWriter:
         except BaseException:
             self._discard()
             raise
-        _fsync_dir(self.path.parent)
+        fsync_dir(self.path.parent)
 
 
 def _umask() -> int:
     mask = os.umask(0)  # reading the umask means setting it; put it straight back
     os.umask(mask)
     return mask
-
-
-def fsync_file(path: Path) -> None:
-    """Flush a file already written and closed (by torch.save, PIL, ...) to the disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def save_tensors(

@@ -17,6 +17,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from workbench.checkpoint.files import fsync_dir
+
 try:
     import fcntl
 except ImportError:  # pragma: no cover - Windows: the thread lock still serialises one server
@@ -65,7 +67,7 @@ class VoteLog:
             f.flush()
             os.fsync(f.fileno())
         if created:
-            _fsync_dir(self.path.parent)
+            fsync_dir(self.path.parent)
 
     def read(self) -> LogContents:
         """Every vote not undone, in order."""
@@ -92,17 +94,3 @@ class VoteLog:
                 votes[str(record["id"])] = record
         contents.votes = list(votes.values())
         return contents
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a new file's directory entry durable too (POSIX; a no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
