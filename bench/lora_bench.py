@@ -36,16 +36,10 @@ import sys
 import time
 from pathlib import Path
 
+from bench_common import drop_from_cache, ensure_sd15, fsync_path, read_into_cache, status_kb
+
 ROOT = Path(__file__).resolve().parent.parent
 STRENGTH = 0.8
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -83,7 +77,7 @@ def child_naive(base: Path, lora: Path, out: Path) -> None:
         w.add_(delta.reshape(w.shape), alpha=STRENGTH)
         sd[t.key] = w.to(torch.float16)
     save_file(sd, out, metadata={"format": "pt"})
-    _fsync(out)
+    fsync_path(out)
 
 
 def child_wb(base: Path, lora: Path, out: Path) -> None:
@@ -133,23 +127,13 @@ def run_child(args: list[str]) -> None:
 # parent
 
 
-def _status_kb(pid: int, field: str) -> int | None:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
 def measure(args: list[str]) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", *map(str, args)]
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     peak = 0
     while proc.poll() is None:
-        anon = _status_kb(proc.pid, "RssAnon")
+        anon = status_kb(proc.pid, "RssAnon")
         if anon:
             peak = max(peak, anon)
         time.sleep(0.005)
@@ -162,15 +146,7 @@ def measure(args: list[str]) -> dict:
 
 
 def ensure_inputs(folder: Path, rank: int) -> tuple[Path, Path, Path]:
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = [folder / f"sd15_{i}.safetensors" for i in (1, 2)]
-    for seed, p in enumerate(paths, start=1):
-        if not p.exists():
-            print(f"writing {p} (bench/make_sd15.py --seed {seed}) ...", flush=True)
-            subprocess.run(
-                [sys.executable, str(ROOT / "bench" / "make_sd15.py"), str(p), "--seed", str(seed)],
-                check=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
-            )  # fmt: skip
+    paths = ensure_sd15(folder, 2)
     lora = folder / f"lora_r{rank}.safetensors"
     if not lora.exists():
         from workbench.lora.synthetic import synthetic_lora
@@ -207,17 +183,10 @@ def prepare_cache(paths: list[Path], cache: str) -> None:
     """warm: read the inputs once (they stay in the page cache); cold: evict them (posix_fadvise)."""
     os.sync()
     time.sleep(1.0)  # let writeback of the previous output finish
-    for p in paths:
-        if cache == "warm":
-            with open(p, "rb", buffering=0) as f:
-                while f.read(64 << 20):
-                    pass
-        else:
-            fd = os.open(p, os.O_RDONLY)
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
+    if cache == "warm":
+        read_into_cache(paths)
+    else:
+        drop_from_cache(paths)
 
 
 def bench_bake(base: Path, lora: Path, folder: Path, reps: int, cache: str = "warm") -> None:

@@ -36,6 +36,8 @@ import sys
 import time
 from pathlib import Path
 
+from bench_common import drop_from_cache, ensure_sd15, fsync_path, read_into_cache, status_kb
+
 ROOT = Path(__file__).resolve().parent.parent
 UNET = "model.diffusion_model."
 TE = "cond_stage_model."
@@ -47,14 +49,6 @@ SLOW_TOOLS = ("naive", "sd-mecha")
 
 # ---------------------------------------------------------------------------------------------------
 # children: one tool, one merge, timed inside the process (interpreter start and imports excluded)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def child_floor(method: str, inputs: list[Path], out: Path) -> None:
@@ -102,7 +96,7 @@ def child_naive(method: str, inputs: list[Path], out: Path) -> None:
             binding.apply(key, w, ALPHA[method])
             sd[key] = w.to(sd[key].dtype)
         save_file(sd, out, metadata={"format": "pt"})
-        _fsync(out)
+        fsync_path(out)
         return
     sds = [load_file(p) for p in inputs]
     merged = {}
@@ -112,7 +106,7 @@ def child_naive(method: str, inputs: list[Path], out: Path) -> None:
         else:
             merged[key] = a
     save_file(merged, out, metadata={"format": "pt"})
-    _fsync(out)
+    fsync_path(out)
 
 
 def child_mecha(method: str, inputs: list[Path], out: Path) -> None:
@@ -129,7 +123,7 @@ def child_mecha(method: str, inputs: list[Path], out: Path) -> None:
     sd_mecha.merge(
         recipe, output=out, merge_dtype=torch.float32, output_dtype=torch.float16, threads=2, tqdm=quiet_bar
     )
-    _fsync(out)
+    fsync_path(out)
 
 
 def child_wb(method: str, inputs: list[Path], out: Path) -> None:
@@ -186,16 +180,6 @@ def run_child(tool: str, method: str, inputs: list[Path], out: Path) -> None:
 # parent
 
 
-def _status_kb(pid: int, field: str) -> int | None:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
 def measure(python: str, tool: str, method: str, inputs: list[Path], out: Path) -> dict:
     cmd = [python, str(Path(__file__).resolve()), "--child", tool, method, str(out), *map(str, inputs)]
     proc = subprocess.Popen(
@@ -207,7 +191,7 @@ def measure(python: str, tool: str, method: str, inputs: list[Path], out: Path) 
     )
     peak_anon = 0
     while proc.poll() is None:
-        anon = _status_kb(proc.pid, "RssAnon")
+        anon = status_kb(proc.pid, "RssAnon")
         if anon:
             peak_anon = max(peak_anon, anon)
         time.sleep(0.005)
@@ -289,34 +273,8 @@ def ensure_lora(folder: Path, base: Path) -> Path:
     return path
 
 
-def drop_from_cache(paths: list[Path]) -> None:
-    """Evict the files' clean pages from the page cache (no root needed; dirty pages were synced)."""
-    for p in paths:
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-
-
-def read_into_cache(paths: list[Path]) -> None:
-    for p in paths:
-        with open(p, "rb", buffering=0) as f:
-            while f.read(64 << 20):
-                pass
-
-
 def ensure_inputs(folder: Path) -> list[Path]:
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = [folder / f"sd15_{i}.safetensors" for i in (1, 2, 3)]
-    for seed, p in enumerate(paths, start=1):
-        if not p.exists():
-            print(f"writing {p} (bench/make_sd15.py --seed {seed}) ...", flush=True)
-            subprocess.run(
-                [sys.executable, str(ROOT / "bench" / "make_sd15.py"), str(p), "--seed", str(seed)],
-                check=True,
-            )
-    return paths
+    return ensure_sd15(folder, 3)
 
 
 def _fmt(values: list[float]) -> str:
