@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import shlex
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import typer
@@ -44,15 +46,19 @@ def _save_dtype(dtype: str | None) -> str | None:
     return SAVE_DTYPES[dtype]
 
 
-def _bar(label: str):
-    return Progress(
+@contextmanager
+def _progress(label: str, task_name: str) -> Iterator[Callable[[int, int], None]]:
+    """A transient progress bar on stderr; yields the (done, total) callback the library calls."""
+    with Progress(
         TextColumn(f"[bold]{label}[/]"),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
         console=err,
         transient=True,
-    )
+    ) as bar:
+        task = bar.add_task(task_name, total=None)
+        yield lambda done, total: bar.update(task, completed=done, total=total)
 
 
 @lora_app.command("bake")
@@ -85,8 +91,7 @@ def bake_command(
 
     specs = [parse_lora_spec(x) for x in loras]
     command = _command("bake", _argv_tail())
-    with _bar("baking") as bar:
-        task = bar.add_task("bake", total=None)
+    with _progress("baking", "bake") as progress:
         result = bake(
             base,
             specs,
@@ -95,7 +100,7 @@ def bake_command(
             unet_strength,
             dtype,
             threads,
-            lambda done, total: bar.update(task, completed=done, total=total),
+            progress,
             command,
         )
     out.print(
@@ -148,8 +153,7 @@ def extract_command(
     from workbench.lora.extract import extract
 
     comps = [c.strip() for c in components.split(",") if c.strip()]
-    with _bar("extracting") as bar:
-        task = bar.add_task("extract", total=None)
+    with _progress("extracting", "extract") as progress:
         res = extract(
             tuned,
             base,
@@ -163,7 +167,7 @@ def extract_command(
             clamp,
             min_diff,
             _save_dtype(dtype),
-            lambda done, total: bar.update(task, completed=done, total=total),
+            progress,
             _command("extract", _argv_tail()),
         )
     if verbose:
@@ -214,8 +218,7 @@ def resize_command(
     """Shrink a LoRA's rank by SVD, keeping each module's effective scale alpha/rank."""
     from workbench.lora.combine import resize
 
-    with _bar("resizing") as bar:
-        task = bar.add_task("resize", total=None)
+    with _progress("resizing", "resize") as progress:
         res = resize(
             lora,
             output,
@@ -223,7 +226,7 @@ def resize_command(
             fro,
             plus_one,
             _save_dtype(dtype),
-            lambda done, total: bar.update(task, completed=done, total=total),
+            progress,
             _command("resize", _argv_tail()),
         )
     _print_combine(res)
@@ -255,8 +258,7 @@ def merge_command(
         if spec.te is not None:
             raise WorkbenchError(f"{text!r}: one strength per LoRA in a merge (LORA:STRENGTH)")
         specs.append((spec.path, spec.strength))
-    with _bar("merging") as bar:
-        task = bar.add_task("merge", total=None)
+    with _progress("merging", "merge") as progress:
         res = merge_loras(
             specs,
             output,
@@ -264,7 +266,7 @@ def merge_command(
             conv_rank,
             base,
             _save_dtype(dtype),
-            lambda done, total: bar.update(task, completed=done, total=total),
+            progress,
             _command("merge", _argv_tail()),
         )
     _print_combine(res)
@@ -322,9 +324,7 @@ def print_lora_description(d, as_json: bool) -> None:
     dtypes = ", ".join(f"{k} {v:,}" for k, v in sorted(d.dtypes.items()))
     out.print(f"dtypes: {dtypes}", highlight=False)
     if d.training:
-        meta = Table(title="training (kohya ss_* metadata)", title_justify="left", show_header=False)
-        meta.add_column("key", style="dim")
-        meta.add_column("value", overflow="fold")
+        meta = _key_value_table("training (kohya ss_* metadata)")
         for k, v in d.training.items():
             meta.add_row(k, v if len(v) <= 120 else v[:120] + " ...")
         out.print(meta)
@@ -333,12 +333,17 @@ def print_lora_description(d, as_json: bool) -> None:
         out.print(f"dataset tags ({d.tag_count} distinct), most frequent: {tags}", highlight=False)
     shown = {k: v for k, v in d.metadata.items() if not k.startswith("ss_") and k != "sshs_model_hash"}
     if shown:
-        meta = Table(title="other metadata", title_justify="left", show_header=False)
-        meta.add_column("key", style="dim")
-        meta.add_column("value", overflow="fold")
+        meta = _key_value_table("other metadata")
         for k, v in sorted(shown.items()):
             meta.add_row(k, v if len(v) <= 120 else v[:120] + " ... (--json shows all)")
         out.print(meta)
+
+
+def _key_value_table(title: str) -> Table:
+    table = Table(title=title, title_justify="left", show_header=False)
+    table.add_column("key", style="dim")
+    table.add_column("value", overflow="fold")
+    return table
 
 
 def _counts(d: dict[str, int]) -> str:
