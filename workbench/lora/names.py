@@ -260,6 +260,13 @@ _OPEN_CLIP_NAMES = {
 }
 
 
+def _te_target(
+    kohya: str, component: str, module: str, key: str, shape: tuple, group: str, part: int | None = None
+) -> Target:
+    """A text-encoder module, named as kohya spells it: <kohya prefix>_text_model_<module>."""
+    return Target(mangle(kohya, "text_model." + module), component, module, key, shape, group, part=part)
+
+
 def _te_targets(infos: Mapping[str, TensorInfo], family: str) -> list[Target]:
     out = []
     for component, (ldm_prefix, layout, kohya) in TEXT_ENCODERS[family].items():
@@ -268,17 +275,8 @@ def _te_targets(infos: Mapping[str, TensorInfo], family: str) -> list[Target]:
             for rest, info in keys.items():
                 if (m := _CLIP_RE.fullmatch(rest)) is None:
                     continue
-                module = m.group(1)
-                out.append(
-                    Target(
-                        mangle(kohya, "text_model." + module),
-                        component,
-                        module,
-                        ldm_prefix + rest,
-                        tuple(info.shape),
-                        "te",
-                    )
-                )
+                key = ldm_prefix + rest
+                out.append(_te_target(kohya, component, m.group(1), key, tuple(info.shape), "te"))
             continue
         n_layers = len({m.group(1) for rest in keys if (m := _OPEN_CLIP_RE.fullmatch(rest))})
         for rest, info in keys.items():
@@ -306,29 +304,11 @@ def _te_targets(infos: Mapping[str, TensorInfo], family: str) -> list[Target]:
                 d = info.shape[0] // 3
                 for part, letter in enumerate("qkv"):
                     module = f"{base}self_attn.{letter}_proj"
-                    out.append(
-                        Target(
-                            mangle(kohya, "text_model." + module),
-                            component,
-                            module,
-                            ldm_prefix + rest,
-                            (d, *info.shape[1:]),
-                            group,
-                            part=part,
-                        )
-                    )
+                    key, shape = ldm_prefix + rest, (d, *info.shape[1:])
+                    out.append(_te_target(kohya, component, module, key, shape, group, part=part))
                 continue
             module = base + _OPEN_CLIP_NAMES[what]
-            out.append(
-                Target(
-                    mangle(kohya, "text_model." + module),
-                    component,
-                    module,
-                    ldm_prefix + rest,
-                    tuple(info.shape),
-                    group,
-                )
-            )
+            out.append(_te_target(kohya, component, module, ldm_prefix + rest, tuple(info.shape), group))
     return out
 
 
