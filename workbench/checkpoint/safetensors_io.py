@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 from workbench.checkpoint.files import (
     check_free_space,
     clean_stale_temps,
+    current_umask,
     fsync_dir,
     fsync_file,  # noqa: F401  (re-exported: workbench/train/resume.py imports it from here)
     is_write_error,
@@ -268,7 +269,7 @@ class SafetensorsWriter:
         try:
             # mkstemp makes the file private (0600); a checkpoint gets what any new file gets, so a
             # UI running as another user or group can read it.
-            os.fchmod(fd, 0o666 & ~_umask())
+            os.fchmod(fd, 0o666 & ~current_umask())
             os.ftruncate(fd, self.total_bytes)
             self._pwrite(memoryview(self._prefix), 0)
         except OSError as e:
@@ -393,12 +394,6 @@ class SafetensorsWriter:
             self._discard()
             raise
         fsync_dir(self.path.parent)
-
-
-def _umask() -> int:
-    mask = os.umask(0)  # reading the umask means setting it; put it straight back
-    os.umask(mask)
-    return mask
 
 
 def save_tensors(
