@@ -23,7 +23,7 @@ app = typer.Typer(
 toy_app = typer.Typer(help="The tiny offline toy model that tests and the demo run on.", no_args_is_help=True)
 app.add_typer(toy_app, name="toy")
 
-from workbench.console import err, fail, friendly, human_bytes, out  # noqa: E402, F401
+from workbench.console import err, fail, friendly, human_bytes, metadata_table, out  # noqa: E402, F401
 
 
 @app.callback()
@@ -96,12 +96,7 @@ def inspect(
     hidden = ("sd_merge_recipe", "sd_merge_models", "wb.swap")
     shown = {k: v for k, v in d.metadata.items() if k not in hidden}
     if shown:
-        meta = Table(title="metadata", title_justify="left", show_header=False)
-        meta.add_column("key", style="dim")
-        meta.add_column("value", overflow="fold")
-        for k, v in sorted(shown.items()):
-            meta.add_row(k, v if len(v) <= 120 else v[:120] + " ... (--json shows all)")
-        out.print(meta)
+        out.print(metadata_table("metadata", sorted(shown.items()), " ... (--json shows all)"))
     usable = d.usable_metadata()
     if "wb.swap" in usable:
         swap_table = Table(title="assembled by wb swap", title_justify="left")

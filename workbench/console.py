@@ -8,9 +8,11 @@ from __future__ import annotations
 import functools
 import signal
 import threading
+from collections.abc import Iterable
 
 import typer
 from rich.console import Console
+from rich.table import Table
 
 from workbench.errors import WorkbenchError
 
@@ -75,3 +77,13 @@ def human_bytes(n: int) -> str:
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.2f} {unit}"
         size /= 1024
     return f"{n} B"
+
+
+def metadata_table(title: str, items: Iterable[tuple[str, str]], cut: str = " ...") -> Table:
+    """A headerless key/value table (a file's metadata); values past 120 characters end in `cut`."""
+    table = Table(title=title, title_justify="left", show_header=False)
+    table.add_column("key", style="dim")
+    table.add_column("value", overflow="fold")
+    for k, v in items:
+        table.add_row(k, v if len(v) <= 120 else v[:120] + cut)
+    return table

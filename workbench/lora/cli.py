@@ -14,7 +14,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from workbench.console import err, friendly, human_bytes, out
+from workbench.console import err, friendly, human_bytes, metadata_table, out
 from workbench.errors import WorkbenchError
 
 lora_app = typer.Typer(
@@ -324,26 +324,13 @@ def print_lora_description(d, as_json: bool) -> None:
     dtypes = ", ".join(f"{k} {v:,}" for k, v in sorted(d.dtypes.items()))
     out.print(f"dtypes: {dtypes}", highlight=False)
     if d.training:
-        meta = _key_value_table("training (kohya ss_* metadata)")
-        for k, v in d.training.items():
-            meta.add_row(k, v if len(v) <= 120 else v[:120] + " ...")
-        out.print(meta)
+        out.print(metadata_table("training (kohya ss_* metadata)", d.training.items()))
     if d.tags:
         tags = ", ".join(f"{t} ({n})" for t, n in d.tags)
         out.print(f"dataset tags ({d.tag_count} distinct), most frequent: {tags}", highlight=False)
     shown = {k: v for k, v in d.metadata.items() if not k.startswith("ss_") and k != "sshs_model_hash"}
     if shown:
-        meta = _key_value_table("other metadata")
-        for k, v in sorted(shown.items()):
-            meta.add_row(k, v if len(v) <= 120 else v[:120] + " ... (--json shows all)")
-        out.print(meta)
-
-
-def _key_value_table(title: str) -> Table:
-    table = Table(title=title, title_justify="left", show_header=False)
-    table.add_column("key", style="dim")
-    table.add_column("value", overflow="fold")
-    return table
+        out.print(metadata_table("other metadata", sorted(shown.items()), " ... (--json shows all)"))
 
 
 def _counts(d: dict[str, int]) -> str:
