@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -28,6 +29,17 @@ def status_kb(pid: int, field: str) -> int | None:
     except OSError:
         return None
     return None
+
+
+def wait_peak_rss_anon_kb(proc: subprocess.Popen) -> int:
+    """Wait for `proc`, sampling its RssAnon every 5 ms; its peak in kB (0 if never seen)."""
+    peak = 0
+    while proc.poll() is None:
+        anon = status_kb(proc.pid, "RssAnon")
+        if anon:
+            peak = max(peak, anon)
+        time.sleep(0.005)
+    return peak
 
 
 def drop_from_cache(paths: list[Path]) -> None:

@@ -36,7 +36,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench_common import drop_from_cache, ensure_sd15, fsync_path, read_into_cache, status_kb
+from bench_common import drop_from_cache, ensure_sd15, fsync_path, read_into_cache, wait_peak_rss_anon_kb
 
 ROOT = Path(__file__).resolve().parent.parent
 STRENGTH = 0.8
@@ -131,12 +131,7 @@ def measure(args: list[str]) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", *map(str, args)]
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    peak = 0
-    while proc.poll() is None:
-        anon = status_kb(proc.pid, "RssAnon")
-        if anon:
-            peak = max(peak, anon)
-        time.sleep(0.005)
+    peak = wait_peak_rss_anon_kb(proc)
     stdout, stderr = proc.communicate()
     if proc.returncode != 0:
         raise SystemExit(f"child {args[0]} failed: {stderr.strip()[-2000:]}")

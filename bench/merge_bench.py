@@ -36,7 +36,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench_common import drop_from_cache, ensure_sd15, fsync_path, read_into_cache, status_kb
+from bench_common import drop_from_cache, ensure_sd15, fsync_path, read_into_cache, wait_peak_rss_anon_kb
 
 ROOT = Path(__file__).resolve().parent.parent
 UNET = "model.diffusion_model."
@@ -189,12 +189,7 @@ def measure(python: str, tool: str, method: str, inputs: list[Path], out: Path) 
         text=True,
         env={**os.environ, "PYTHONWARNINGS": "ignore"},
     )
-    peak_anon = 0
-    while proc.poll() is None:
-        anon = status_kb(proc.pid, "RssAnon")
-        if anon:
-            peak_anon = max(peak_anon, anon)
-        time.sleep(0.005)
+    peak_anon = wait_peak_rss_anon_kb(proc)
     stdout, stderr = proc.communicate()
     if proc.returncode != 0:
         tail = stderr.strip().splitlines()[-1:] or ["?"]
