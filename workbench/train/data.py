@@ -218,7 +218,15 @@ class CaptionedImages(torch.utils.data.Dataset):
                 caption = _shuffle_tags(caption, rng)
             if rng.random() < self.cond_dropout:
                 caption = ""
-        return {"pixels": pixels, "caption": caption}
+        return {"pixels": pixels, "caption": caption, "time_ids": self.time_ids(index)}
+
+    def time_ids(self, index: int) -> torch.Tensor:
+        """SDXL's size conditions of an example: its original size, the crop and its target size."""
+        from workbench.train.sdxl import cover_crop, time_ids
+
+        example, target = self.examples[index], self.sizes[index]
+        original = upright_size(example.path) if example.path is not None else target
+        return time_ids(original, cover_crop(original, target), target)
 
 
 def _shuffle_tags(caption: str, rng: np.random.Generator) -> str:
@@ -263,4 +271,7 @@ class EpochSampler(torch.utils.data.Sampler):
 
 
 def collate(items: list[dict]) -> dict:
-    return {"pixels": torch.stack([i["pixels"] for i in items]), "caption": [i["caption"] for i in items]}
+    batch = {"pixels": torch.stack([i["pixels"] for i in items]), "caption": [i["caption"] for i in items]}
+    if all("time_ids" in i for i in items):
+        batch["time_ids"] = torch.stack([i["time_ids"] for i in items])
+    return batch

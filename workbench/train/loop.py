@@ -47,8 +47,9 @@ from workbench.train.data import (
     stable_subset,
     write_split,
 )
-from workbench.train.diffusion import Models, denoising_loss, encode_latents, tokenize
+from workbench.train.diffusion import Models, denoising_loss, encode_latents, tokenize_for
 from workbench.train.ema import ema_load, ema_start, ema_update
+from workbench.train.network import check_network_unchanged, network_record, network_run_info, start_network
 from workbench.train.optimizers import build_optimizer
 from workbench.train.recipe import Recipe
 from workbench.train.report import write_run_report
@@ -129,6 +130,7 @@ def train(
     saved = load_state(run_dir, accelerator.num_processes) if resume else None
     if resume:
         check_base_unchanged(run_dir)
+        check_network_unchanged(run_dir, recipe)
 
     # --- the model ------------------------------------------------------------------------------
     base_path, models, spec, base_metadata = load_model(recipe, run_dir, device, resume)
@@ -168,15 +170,19 @@ def train(
 
     # --- what trains: frozen parts get requires_grad False and no optimizer ---------------------
     params = set_trainable(models, recipe)
+    network = None
+    if recipe.network is not None:  # a LoRA: the base freezes, only the adapters train (network.py)
+        network, params = start_network(models, spec, recipe, accelerator)
     settings = {c: recipe.optimizer.settings(c) for c in params}
     optimizers = {c: build_optimizer(settings[c], params[c]) for c in params}
     state_weights = saved.weights() if saved is not None else {}  # the interrupted run's fp32 weights
     if saved is not None:
-        load_trained_weights(models, state_weights, params)
+        load_trained_weights(models, state_weights, params, network)
     if tr.gradient_checkpointing:
         models.unet.enable_gradient_checkpointing()
-        if "text_encoder" in params:
-            models.text_encoder.gradient_checkpointing_enable()
+        for te in ("text_encoder", "text_encoder_2"):
+            if te in params:
+                getattr(models, te).gradient_checkpointing_enable()
 
     # accelerate wraps what trains (DDP, autocast) and shards the data; `models` keeps the plain
     # modules, which validation, sampling and saving use.
@@ -199,13 +205,15 @@ def train(
         decay = tr.ema_decay or tr.ema_strength_target ** (tr.ema_every_n_steps / max(1, total_steps))
         ema = ema_start(params, decay, tr.ema_every_n_steps, "cpu" if tr.ema_device == "cpu" else None)
         if saved is not None:
-            ema_load(ema, param_names(models, params), state_weights, saved.progress.ema_updates)
+            ema_load(ema, param_names(models, params, network), state_weights, saved.progress.ema_updates)
     del state_weights
 
     if main and saved is None:
         record = run_record(
             recipe, source, base_path, spec, settings, optimizers, params, models, accelerator
         )
+        if network is not None:
+            record["network"] = network_record(network, recipe)
         record["data"] = {"root": recipe.data.root, **fingerprint(examples), "train": len(train_examples),
                           "validation": len(val_examples), "stabilize_train": len(stable_examples),
                           "steps_per_epoch": steps_per_epoch, "total_steps": total_steps}  # fmt: skip
@@ -220,13 +228,18 @@ def train(
     state.val_set, state.stable_set = val_set, stable_set  # what `evaluate` measures
     state.checkpointing, state.stop_when = checkpoints, stop_when
     state.optimizers, state.schedulers, state.trained_components = optimizers, schedulers, tuple(params)
-    state.ema, state.param_names = ema, param_names(models, params)
+    state.ema, state.param_names = ema, param_names(models, params, network)
+    state.network = network
+    if network is not None:
+        state.network_run = network_run_info(run_dir, len(train_examples))
 
     # --- the loop ---------------------------------------------------------------------------------
     # Training noise, timesteps and latent samples come from this generator alone (validation has
     # its own), offset per process so that GPUs do not draw identical noise.
     generator = torch.Generator().manual_seed(tr.seed + 1_000_003 * accelerator.process_index)
     state.generator = generator
+    if network is not None:
+        network.generator = generator  # LoRA dropout masks draw from it (network.py)
     n_epochs = tr.max_epochs or math.ceil(total_steps / steps_per_epoch)
     step, first_epoch, skip, micro_losses, train_time = 0, 0, 0, [], 0.0
     if saved is not None:
@@ -399,7 +412,8 @@ def _batch_loss(
     """Per-example epsilon loss of one micro-batch, every random number drawn from `generator`."""
     tr = recipe.training
     with torch.no_grad():  # the VAE is never trained
-        latents = encode_latents(models.vae, batch["pixels"].to(device), models.scaling_factor, generator)
+        latents = encode_latents(models.vae, batch["pixels"].to(device), models.scaling_factor, generator,
+                                 fp32=models.text_encoder_2 is not None)  # fmt: skip
     b = latents.shape[0]
     noise = torch.randn(latents.shape, generator=generator)
     if tr.zero_frequency_noise_ratio:
@@ -408,10 +422,11 @@ def _batch_loss(
             (b, latents.shape[1], 1, 1), generator=generator
         )
     timesteps = torch.randint(tr.timestep_min, tr.timestep_max + 1, (b,), generator=generator)
-    ids = tokenize(models.tokenizer, batch["caption"], device)
+    ids = tokenize_for(models, batch["caption"], device)
     return denoising_loss(
-        models, latents, ids, noise.to(device, latents.dtype), timesteps.to(device), tr.min_snr_gamma
-    )
+        models, latents, ids, noise.to(device, latents.dtype), timesteps.to(device), tr.min_snr_gamma,
+        time_ids=batch.get("time_ids"),
+    )  # fmt: skip
 
 
 # --- setup helpers ------------------------------------------------------------------------------

@@ -55,6 +55,7 @@ def build_scheduler(
 
     name = schedule.name
     decay = schedule.decay_steps or total_steps
+    warmup = schedule.warmup_steps or round(schedule.warmup_ratio * total_steps)
     if name == "linear_ramp":
         return LambdaLR(optimizer, linear_ramp_factor(decay))
     if name in ("triangular", "triangular2"):
@@ -64,12 +65,12 @@ def build_scheduler(
     if name == "polynomial":
         lr = optimizer.defaults["lr"]
         return get_polynomial_decay_schedule_with_warmup(
-            optimizer, schedule.warmup_steps, decay, lr_end=schedule.end_ratio * lr, power=schedule.power
+            optimizer, warmup, decay, lr_end=schedule.end_ratio * lr, power=schedule.power
         )
     return get_scheduler(
         name,
         optimizer,
-        num_warmup_steps=schedule.warmup_steps,
+        num_warmup_steps=warmup,
         num_training_steps=decay,
         num_cycles=schedule.num_cycles,
     )
