@@ -281,7 +281,7 @@ class NetworkSection(Section):
     train: list[Literal["unet", "text_encoder"]] = Field(
         ["unet", "text_encoder"], min_length=1, description="text_encoder covers both of SDXL's"
     )
-    init_seed: int | None = Field(None, description="seed of the initial LoRA weights (default: training.seed)")
+    init_seed: int | None = Field(None, description="seed of the initial LoRA weights (null: training.seed)")
 
     @model_validator(mode="after")
     def _valid(self):
