@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -34,7 +35,10 @@ from workbench.checkpoint.safetensors_io import SafetensorsWriter, TensorInfo, r
 from workbench.errors import WorkbenchError
 from workbench.merge.blocks import INPUT_BLOCKS, block_names, block_of, count_input_blocks, parse_blocks
 from workbench.merge.recipe import DTYPES as OUT_DTYPES
-from workbench.merge.recipe import Recipe, Step
+from workbench.merge.recipe import Recipe, Step, lora_inputs
+
+if TYPE_CHECKING:
+    from workbench.lora.bake import LoraBinding
 
 # Elements per chunk of an elementwise merge: 4 MiB of float32 per buffer, so the two to four
 # buffers of each of two workers stay in the shared L3 cache while the chunk is worked on.
@@ -56,6 +60,7 @@ class Source:
     variants: list[str]
     size: int
     sha256: str | None = None
+    lora: LoraBinding | None = None  # a LoRA file (the second input of a `lora` step), bound to its base
 
 
 @dataclass(frozen=True)
@@ -124,7 +129,11 @@ class MergeResult:
 
 def open_sources(recipe: Recipe) -> dict[str, Source]:
     sources = {}
+    loras = lora_inputs(recipe)
     for inp in recipe.inputs:
+        if inp.name in loras:
+            sources[inp.name] = _open_lora_source(inp.name, inp.path)
+            continue
         ckpt = with_current_key_names(open_checkpoint(inp.path))
         try:
             arch, layout, variants = detect_architecture(ckpt.infos, ckpt.metadata)
@@ -133,6 +142,29 @@ def open_sources(recipe: Recipe) -> dict[str, Source]:
         size = ckpt.path.stat().st_size if ckpt.path.is_file() else ckpt.nbytes
         sources[inp.name] = Source(inp.name, ckpt.path, ckpt, arch, layout, variants, size)
     return sources
+
+
+def _open_lora_source(name: str, path: str) -> Source:
+    from workbench.checkpoint.lora_format import open_lora
+
+    lora = open_lora(path)
+    return Source(name, lora.path, lora.ckpt, "lora", "lora", [], lora.path.stat().st_size)
+
+
+def _bind_loras(recipe: Recipe, sources: dict[str, Source]) -> None:
+    """Match each LoRA to the keys of the model its step bakes it into (headers only)."""
+    from workbench.checkpoint.lora_format import open_lora
+    from workbench.lora.bake import bind_lora
+
+    for step in recipe.steps:
+        if step.spec.name != "lora":
+            continue
+        src = sources[step.inputs[1]]
+        base = sources[_root_input(recipe, step.inputs[0])]
+        binding = bind_lora(open_lora(src.path), base.ckpt.infos, str(base.path), base.layout)
+        if src.lora is not None and src.lora.by_key.keys() != binding.by_key.keys():
+            raise WorkbenchError(f"{src.path}: baked into two models with different keys in one recipe")
+        src.lora = src.lora or binding
 
 
 def plan_merge(
@@ -148,9 +180,12 @@ def plan_merge(
         _check_output_path(Path(out_path), sources)
     base = _root_input(recipe, recipe.output)
     base_src = sources[base]
+    if base_src.architecture == "lora":
+        raise WorkbenchError(f"{base_src.path}: a LoRA cannot be the model a recipe's output is built on")
     for src in sources.values():
-        if src is not base_src:
+        if src is not base_src and src.architecture != "lora":
             _check_same_architecture(base_src, src)
+    _bind_loras(recipe, sources)
 
     n_in = INPUT_BLOCKS.get(base_src.layout, 12)
     own_n_in = count_input_blocks(base_src.ckpt.infos)
@@ -171,6 +206,8 @@ def plan_merge(
         plan.keys.append(_plan_key(key, a_info, plan, step_index, out_dtype, names, n_in))
     out_keys = base_src.ckpt.infos
     for src in sources.values():
+        if src.lora is not None:
+            continue
         for key in src.ckpt.infos:
             if key not in out_keys:
                 plan.dropped.setdefault(key, []).append(src.name)
@@ -261,6 +298,10 @@ def _plan_key(
         weight = step.weight(component, block)
         if weight is None or not a.is_float:
             calls.append(None)
+            continue
+        if step.spec.name == "lora":
+            binding = sources[step.inputs[1]].lora
+            calls.append(StepCall(step.key_params(weight)) if key in binding.by_key and weight != 0 else None)
             continue
         others = [(ref, value[ref]) for ref in step.inputs[1:]]
         lacking = [_root_input(recipe, ref) for ref, info in others if info is None]
@@ -452,6 +493,11 @@ class _KeyEvaluator:
         call = kp.calls[i]
         if call is None:
             return self.value(step.inputs[0], kp, scratch, lo, hi)
+        if step.spec.name == "lora":  # never chunked: the whole tensor, changed in place
+            a = self.value(step.inputs[0], kp, scratch, lo, None)
+            binding = self.plan.sources[step.inputs[1]].lora
+            binding.apply(kp.key, a, call.params["strength"], OUT_DTYPES[self.recipe.dtype])
+            return a
         args = [self.value(ref, kp, scratch, lo, hi) for ref in step.inputs]
         if call.partial is None:
             return step.spec.call(args, call.params, kp.key)

@@ -206,6 +206,23 @@ _register(Method(
 ))  # fmt: skip
 
 
+def _lora_step(a: torch.Tensor, b: torch.Tensor, *, strength: float) -> torch.Tensor:
+    raise WorkbenchError("the lora method is evaluated by the merge engine (workbench/lora/bake.py)")
+
+
+# A LoRA file B baked into a model A. Its math is the LoRA's (workbench/lora/math.py); the engine
+# binds B to A's keys from the headers and adds the deltas to each key it changes.
+_register(Method(
+    name="lora", fn=_lora_step,
+    formula="A + strength * sum over B's modules of (alpha / rank) * up @ down, reshaped to the weight "
+    "(fused q/k/v: each on its rows)",
+    params={"strength": 1.0}, n_inputs=2, weight_param="strength", elementwise=False,
+    summary="bake a LoRA file (B) into a model (A) at a strength", aliases=("lora-bake", "bake"),
+))  # fmt: skip
+
+LORA_METHOD = "lora"
+
+
 def get_method(name: str) -> Method:
     wanted = name.strip().lower()
     for method in METHODS.values():

@@ -27,7 +27,7 @@ import yaml
 
 from workbench.errors import WorkbenchError
 from workbench.merge.blocks import parse_blocks
-from workbench.merge.methods import Method, check_params, get_method
+from workbench.merge.methods import LORA_METHOD, Method, check_params, get_method
 
 RECIPE_FORMAT = "wb-merge-recipe/1"
 DTYPES = {"fp16": "F16", "bf16": "BF16", "fp32": "F32"}
@@ -161,6 +161,8 @@ def validate(recipe: Recipe, where: str) -> Recipe:
         for ref in step.inputs:
             if ref not in names:
                 raise WorkbenchError(f"{here}: input {ref!r} is neither an input nor a step")
+        if method.name == LORA_METHOD and recipe.input(step.inputs[1]) is None:
+            raise WorkbenchError(f"{here}: the LoRA (second input) must be an input file, not a step")
         step.params = check_params(method, dict(step.params), here)
         step.components = _check_components(step.components, here)
         if step.blocks is not None:
@@ -172,7 +174,18 @@ def validate(recipe: Recipe, where: str) -> Recipe:
         names.add(step.name)
     if recipe.step(recipe.output) is None:
         raise WorkbenchError(f"{where}: output {recipe.output!r} is not a step")
+    loras = lora_inputs(recipe)
+    for step in recipe.steps:
+        models = step.inputs[:1] if step.method == LORA_METHOD else step.inputs
+        for ref in models:
+            if ref in loras:
+                raise WorkbenchError(f"{where}: step {step.name!r}: {ref!r} is a LoRA, not a model to merge")
     return _prune(recipe)
+
+
+def lora_inputs(recipe: Recipe) -> set[str]:
+    """The inputs that are LoRA files: the second input of every `lora` step."""
+    return {s.inputs[1] for s in recipe.steps if s.method == LORA_METHOD and len(s.inputs) > 1}
 
 
 def _in_dependency_order(steps: list[Step], input_names: set[str], where: str) -> list[Step]:

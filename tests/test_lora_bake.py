@@ -1,0 +1,154 @@
+"""`wb lora bake` (library level): hand computations for a linear, a conv and a fused-qkv module;
+diffusers' own load_lora_weights + fuse_lora as the oracle on the toy pipeline; refusals from
+headers; the fp16 lost-change count."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from workbench.errors import WorkbenchError
+from workbench.lora.ops import LoraSpec, bake, parse_lora_spec
+from workbench.lora.synthetic import synthetic_lora
+from workbench.toy.model import toy_init
+from workbench.toy.tiny import tiny_checkpoint
+
+M = 0.8
+U = "model.diffusion_model."
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bake")
+    base = toy_init(d / "base.safetensors")
+    lora = synthetic_lora(d / "l.safetensors", base, rank=4, alpha=2.0)
+    return d, base, lora
+
+
+def test_parse_spec():
+    assert parse_lora_spec("a.safetensors") == LoraSpec("a.safetensors", 1.0)
+    assert parse_lora_spec("a.safetensors:0.6") == LoraSpec("a.safetensors", 0.6)
+    assert parse_lora_spec("C:/x/a.safetensors:0.5:1") == LoraSpec("C:/x/a.safetensors", 0.5, 0.5, 1.0)
+
+
+def test_bake_by_hand_linear_and_conv(toy):
+    d, base, lora = toy
+    out = bake(base, [LoraSpec(str(lora), M)], d / "out32.safetensors", dtype="fp32")
+    assert out.modules == {"l": 147} and out.keys_changed == 147
+    w, lf, b = load_file(base), load_file(lora), load_file(out.path)
+    n = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k"
+    up, down, alpha = lf[f"{n}.lora_up.weight"], lf[f"{n}.lora_down.weight"], float(lf[f"{n}.alpha"])
+    key = U + "input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight"
+    torch.testing.assert_close(b[key], w[key] + M * alpha / 4 * (up @ down), rtol=1e-6, atol=1e-7)
+    n = "lora_unet_down_blocks_0_resnets_0_conv1"  # 3x3 conv, kohya's conv2d form of the product
+    up, down = lf[f"{n}.lora_up.weight"], lf[f"{n}.lora_down.weight"]
+    key = U + "input_blocks.1.0.in_layers.2.weight"
+    product = F.conv2d(down.permute(1, 0, 2, 3), up).permute(1, 0, 2, 3)
+    torch.testing.assert_close(b[key], w[key] + M * 0.5 * product, rtol=1e-6, atol=1e-6)
+    n = "lora_unet_down_blocks_1_attentions_0_proj_in"  # SD1: 1x1 conv
+    up, down = lf[f"{n}.lora_up.weight"], lf[f"{n}.lora_down.weight"]
+    key = U + "input_blocks.4.1.proj_in.weight"
+    want = w[key] + M * 0.5 * (up[:, :, 0, 0] @ down[:, :, 0, 0])[:, :, None, None]
+    torch.testing.assert_close(b[key], want, rtol=1e-6, atol=1e-7)
+    # untouched keys byte-identical: VAE, norms, position_ids
+    for key in ("first_stage_model.decoder.conv_in.weight", U + "out.0.weight",
+                "cond_stage_model.transformer.text_model.embeddings.position_ids"):  # fmt: skip
+        assert torch.equal(b[key], w[key]) and b[key].dtype == w[key].dtype
+    # strength 0 gives the input bytes back
+    zero = bake(base, [LoraSpec(str(lora), 0.0)], d / "zero.safetensors", dtype="fp32")
+    z = load_file(zero.path)
+    assert all(torch.equal(z[k], w[k]) for k in w)
+
+
+def test_bake_fused_qkv_sd2(tmp_path):
+    base = tiny_checkpoint(tmp_path / "sd2.safetensors", "sd2")
+    lora = synthetic_lora(tmp_path / "l2.safetensors", base, rank=2, alpha=1.0, groups=("attn", "te"))
+    out = bake(base, [LoraSpec(str(lora), M)], tmp_path / "o.safetensors", dtype="fp32")
+    w, lf, b = load_file(base), load_file(lora), load_file(out.path)
+    key = "cond_stage_model.model.transformer.resblocks.1.attn.in_proj_weight"
+    parts = []
+    for i, p in enumerate("qkv"):
+        n = f"lora_te_text_model_encoder_layers_1_self_attn_{p}_proj"
+        up, down = lf[f"{n}.lora_up.weight"], lf[f"{n}.lora_down.weight"]
+        parts.append(w[key][32 * i : 32 * (i + 1)] + M * 0.5 * (up @ down))
+    torch.testing.assert_close(b[key], torch.cat(parts), rtol=1e-6, atol=1e-7)
+    n = "lora_te_text_model_encoder_layers_1_mlp_fc2"
+    key = "cond_stage_model.model.transformer.resblocks.1.mlp.c_proj.weight"
+    want = w[key] + M * 0.5 * (lf[f"{n}.lora_up.weight"] @ lf[f"{n}.lora_down.weight"])
+    torch.testing.assert_close(b[key], want, rtol=1e-6, atol=1e-7)
+
+
+def test_diffusers_is_the_oracle(toy):
+    """A LoRA written by wb loads in diffusers; its fused weights equal wb's bake (fp32)."""
+    pytest.importorskip("peft")
+    from workbench.pipeline import build_pipeline
+
+    d, base, lora = toy
+    baked = bake(base, [LoraSpec(str(lora), M)], d / "oracle.safetensors", dtype="fp32")
+    pipe = build_pipeline(base)
+    pipe.load_lora_weights(str(lora), adapter_name="t")
+    wrapped = sum(hasattr(m, "lora_A") for c in (pipe.unet, pipe.text_encoder) for m in c.modules())
+    assert wrapped == 147
+    pipe.fuse_lora(lora_scale=M)
+    pipe.unload_lora_weights()
+    ours = build_pipeline(baked.path)
+    for comp in ("unet", "text_encoder"):
+        theirs_sd, ours_sd = getattr(pipe, comp).state_dict(), getattr(ours, comp).state_dict()
+        assert theirs_sd.keys() == ours_sd.keys()
+        worst = max(float((theirs_sd[k] - ours_sd[k]).abs().max()) for k in ours_sd)
+        assert worst < 1e-6, comp
+    moved = build_pipeline(base).unet.state_dict()["down_blocks.1.attentions.0.proj_in.weight"]
+    assert (
+        float((moved - ours.unet.state_dict()["down_blocks.1.attentions.0.proj_in.weight"]).abs().max())
+        > 1e-3
+    )
+
+
+def test_refusals_from_headers(toy, tmp_path):
+    d, base, lora = toy
+    sdxl = tiny_checkpoint(tmp_path / "xl.safetensors", "sdxl")
+    xl_lora = synthetic_lora(tmp_path / "xl_lora.safetensors", sdxl, rank=2, groups=("attn",))
+    with pytest.raises(
+        WorkbenchError, match=r"is a LoRA for sdxl \(from its keys\), .* is sd1: refused before"
+    ):
+        bake(base, [LoraSpec(str(xl_lora))], tmp_path / "o.safetensors")
+    # a module whose shape does not fit, in a LoRA with no family cue
+    sd = load_file(lora)
+    n = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k"
+    bad = {k: v for k, v in sd.items() if k.startswith(n)}
+    bad[f"{n}.lora_down.weight"] = torch.zeros(4, 48)
+    save_file(bad, tmp_path / "bad.safetensors")
+    with pytest.raises(
+        WorkbenchError, match=rf"module {n} changes a \[64, 48\] weight, .*attn2.to_k.weight is \[64, 32\]"
+    ):
+        bake(base, [LoraSpec(str(tmp_path / "bad.safetensors"))], tmp_path / "o.safetensors")
+    # modules matching nothing: how many and which
+    sd2 = {
+        k.replace("down_blocks_1_", "down_blocks_7_"): v
+        for k, v in sd.items()
+        if "down_blocks_1_attentions_0_proj" in k
+    }
+    save_file(sd2, tmp_path / "none.safetensors")
+    with pytest.raises(
+        WorkbenchError, match=r"2 of 2 modules match nothing in .*base.safetensors \(lora_unet_down_blocks_7"
+    ):
+        bake(base, [LoraSpec(str(tmp_path / "none.safetensors"))], tmp_path / "o.safetensors")
+    assert not (tmp_path / "o.safetensors").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".o.safetensors")]
+
+
+def test_fp16_lost_changes_counted(toy):
+    d, base, lora = toy
+    res = bake(base, [LoraSpec(str(lora), 1e-5)], d / "tiny16.safetensors", dtype="fp16")
+    lost, touched = res.lost["l"]
+    w, lf, b = load_file(base), load_file(lora), load_file(res.path)
+    # independent count on one key: changes that fp16 cannot hold
+    n = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k"
+    key = U + "input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight"
+    delta = 1e-5 * 0.5 * (lf[f"{n}.lora_up.weight"] @ lf[f"{n}.lora_down.weight"])
+    assert torch.equal(b[key], (w[key] + delta).half())
+    assert 0 < lost <= touched
+    full = bake(base, [LoraSpec(str(lora), 1.0)], d / "full16.safetensors", dtype="fp16")
+    assert full.lost["l"][0] < lost

@@ -1,0 +1,163 @@
+"""Bind a LoRA file to a base checkpoint (headers only) and add its weight changes to the base's
+LDM tensors, key by key: the piece the merge engine's `lora` step calls.
+
+Binding checks everything from the two headers before any tensor data is read (LORA.md pitfall 3):
+the families agree, every module names a module of the base, and every module's change has the
+shape of the weight it lands on (1x1 conv <-> Linear reshaped; anything else refused, naming the
+module). Applying computes in float32: W' = W + m * dW per module; OpenCLIP's fused q/k/v get
+each delta on its row slice, `text_projection` the transposed delta.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+from workbench.checkpoint.lora_format import LoraFile, LoraModule, lora_family
+from workbench.checkpoint.safetensors_io import TensorInfo
+from workbench.errors import WorkbenchError
+from workbench.lora.names import Target, lora_targets, name_index
+
+LOW_PRECISION = {"F16": torch.float16, "BF16": torch.bfloat16}
+
+
+@dataclass
+class LoraBinding:
+    """A LoRA file matched to a base: LDM key -> the (module, target) pairs that change it."""
+
+    lora: LoraFile
+    family: str
+    by_key: dict[str, list[tuple[LoraModule, Target]]]
+    # Counters filled while baking (any thread): entries a nonzero change did not move once cast to
+    # the output dtype (fp16/bf16), and the entries a change touched.
+    lost: int = 0
+    touched: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def modules(self) -> int:
+        return sum(len(v) for v in self.by_key.values())
+
+    def components(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for pairs in self.by_key.values():
+            for _, t in pairs:
+                counts[t.component] = counts.get(t.component, 0) + 1
+        return counts
+
+    def apply(self, key: str, weight: torch.Tensor, strength: float, out_dtype: str | None = None) -> None:
+        """weight (float32, the LDM tensor of `key`, changed in place) += strength * dW of every
+        module landing on it. With a low-precision `out_dtype`, counts the entries whose change is
+        lost in the cast."""
+        if strength == 0.0:
+            return
+        low = LOW_PRECISION.get(out_dtype or "")
+        before = weight.to(low) if low is not None else None
+        changed = torch.zeros(weight.shape, dtype=torch.bool) if low is not None else None
+        for module, target in self.by_key[key]:
+            delta = self.lora.delta(module, target.shape)
+            if not torch.isfinite(delta).all():
+                raise WorkbenchError(f"{self.lora.path}: module {module.name} holds non-finite values")
+            if target.rows is not None:
+                lo, hi = target.rows
+                view = weight[lo:hi]
+                view.add_(delta, alpha=strength)
+                if changed is not None:
+                    changed[lo:hi] |= delta != 0
+            elif target.transpose:
+                weight.add_(delta.T, alpha=strength)
+                if changed is not None:
+                    changed |= delta.T != 0
+            else:
+                weight.add_(delta.reshape(weight.shape), alpha=strength)
+                if changed is not None:
+                    changed |= delta.reshape(weight.shape) != 0
+        if not torch.isfinite(weight).all():
+            raise WorkbenchError(f"{key}: baking {self.lora.path.name} gives non-finite values")
+        if low is not None:
+            lost = int((changed & (weight.to(low) == before)).sum())
+            n = int(changed.sum())
+            with self._lock:
+                self.lost += lost
+                self.touched += n
+
+
+def bind_lora(
+    lora: LoraFile, base_infos: Mapping[str, TensorInfo], base_name: str, base_layout: str
+) -> LoraBinding:
+    """Match every module of `lora` to the base's LDM keys, from headers only.
+
+    Refuses (WorkbenchError, one line): a LoRA of another family; DoRA modules; modules matching
+    nothing in the base (how many, and which); a module whose change has another shape than the
+    weight it names (the first one)."""
+    family = {"sd1": "sd1", "sd2": "sd2", "sdxl": "sdxl"}.get(base_layout)
+    if family is None:
+        raise WorkbenchError(
+            f"{base_name} is {base_layout}: LoRAs are baked into sd1, sd2 or sdxl checkpoints"
+        )
+    lora_fam, how = lora_family(lora)
+    if lora_fam is not None and lora_fam != family:
+        first = next(iter(lora.modules))
+        raise WorkbenchError(
+            f"{lora.path} is a LoRA for {lora_fam} (from its {how}), {base_name} is {family}: refused before "
+            f"reading any tensor (first module: {first})"
+        )
+    targets = lora_targets(base_infos, family)
+    index = name_index(targets, family)
+    by_key: dict[str, list[tuple[LoraModule, Target]]] = {}
+    unmatched: list[str] = []
+    seen: dict[str, str] = {}
+    for name, module in lora.modules.items():
+        if "dora_scale" in module.keys:
+            raise WorkbenchError(
+                f"{lora.path}: module {name} is DoRA (dora_scale): wb cannot bake DoRA modules"
+            )
+        target = index.get(name)
+        if target is None:
+            unmatched.append(name)
+            continue
+        if target.name in seen:
+            raise WorkbenchError(
+                f"{lora.path}: modules {seen[target.name]} and {name} both change {target.name}"
+            )
+        seen[target.name] = name
+        _check_shape(lora, module, target)
+        by_key.setdefault(target.key, []).append((module, target))
+    if unmatched:
+        shown = ", ".join(unmatched[:3]) + (", ..." if len(unmatched) > 3 else "")
+        raise WorkbenchError(
+            f"{lora.path}: {len(unmatched)} of {len(lora.modules)} modules match nothing in {base_name} "
+            f"({shown})"
+        )
+    return LoraBinding(lora, family, by_key)
+
+
+def _check_shape(lora: LoraFile, module: LoraModule, target: Target) -> None:
+    want = target.shape
+    numel = 1
+    for d in want:
+        numel *= d
+    if module.out_features != want[0] or module.numel != numel:
+        got = _described_shape(module)
+        what = f"{list(want)}{' (q/k/v slice)' if target.part is not None else ''}"
+        raise WorkbenchError(
+            f"{lora.path}: module {module.name} changes a {got} weight, {target.key} is {what}: "
+            "refused before reading any tensor"
+        )
+    if module.kind == "lora" and "mid" not in module.keys:
+        down = module.infos["down"].shape
+        if len(down) == 4 and len(want) == 4 and tuple(down[2:]) != tuple(want[2:]):
+            raise WorkbenchError(
+                f"{lora.path}: module {module.name} has a {down[2]}x{down[3]} kernel, {target.key} "
+                f"has {want[2]}x{want[3]}"
+            )
+
+
+def _described_shape(module: LoraModule) -> str:
+    if module.kind == "lora":
+        down = module.infos["down"].shape
+        return str([module.out_features, *down[1:]])
+    return f"{module.numel}-element"
