@@ -150,3 +150,33 @@ def test_text_encoder_2_settings_on_an_sd1_model_are_refused(tmp_path):
     r = recipe(sd1, data={"resolution": 32})
     with pytest.raises(WorkbenchError, match=r"^text_encoder_2: .*sd1 model, with one text encoder"):
         loop.train(r, tmp_path / "run")
+
+
+def test_sdxl_lora_has_kohya_sdxl_names_and_loads_into_diffusers(base, tmp_path):
+    pytest.importorskip("peft")
+    from safetensors import safe_open
+
+    from workbench.pipeline import build_pipeline
+
+    r = recipe(base, network={"dim": 2}, training={"max_steps": 2}, validation={"enabled": False})
+    run = loop.train(r, tmp_path / "run")
+    with safe_open(str(run.checkpoints[-1]), "pt") as f:
+        names = {k.split(".")[0] for k in f.keys()}
+        meta = f.metadata()
+    assert meta["ss_base_model_version"] == "sdxl_base_v1-0"
+    assert meta["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
+    # the UNet by its SGM (LDM) path, the encoders as lora_te1_/lora_te2_ text_model_ ...
+    assert "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q" in names
+    assert "lora_unet_middle_block_1_proj_in" in names
+    assert "lora_te1_text_model_encoder_layers_0_self_attn_q_proj" in names
+    assert "lora_te2_text_model_encoder_layers_2_mlp_fc2" in names
+    unet = {n for n in names if n.startswith("lora_unet_")}
+    # attentions: 2 down (level 1), 3 up (level 0), 1 mid; each of 2 transformer blocks (the last
+    # level's transformer_layers_per_block) of 10 modules, plus proj_in and proj_out
+    attentions = 2 + 3 + 1
+    assert len(unet) == attentions * (2 * 10 + 2)
+    assert len(names) - len(unet) == 2 * 3 * 6  # two encoders x 3 layers x 6
+    pipe = build_pipeline(base)
+    pipe.load_lora_weights(str(run.checkpoints[-1]))
+    nets = (pipe.unet, pipe.text_encoder, pipe.text_encoder_2)
+    assert sum(hasattr(m, "lora_A") for net in nets for m in net.modules()) == len(names)
