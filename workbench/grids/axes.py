@@ -19,11 +19,11 @@ from workbench.errors import WorkbenchError
 
 # The kinds, in the order the default layout prefers them: the checkpoint first (it becomes X),
 # then prompts (Y), then seeds (Z); the rest take whatever position is left.
-KINDS = ("checkpoint", "prompt", "seed", "sr", "cfg", "steps", "sampler")
+KINDS = ("checkpoint", "prompt", "seed", "sr", "cfg", "steps", "sampler", "lora", "lora_weight")
 INT_KINDS = ("seed", "steps")
-FLOAT_KINDS = ("cfg",)
+FLOAT_KINDS = ("cfg", "lora_weight")
 # What each kind is called in a "Label: value" title and which flag supplies its values.
-TITLES = {"seed": "Seed", "steps": "Steps", "cfg": "CFG"}
+TITLES = {"seed": "Seed", "steps": "Steps", "cfg": "CFG", "lora_weight": "LoRA weight"}
 FLAGS = {
     "checkpoint": "--ckpts",
     "prompt": "--prompts",
@@ -32,6 +32,8 @@ FLAGS = {
     "cfg": "--cfg",
     "steps": "--steps",
     "sampler": "--sampler",
+    "lora": "--loras",  # LoRA files (or none): grids/lora_apply.py
+    "lora_weight": "--lora-weight",
 }
 
 _NUM = r"[+-]?\s*\d+(?:\.\d*)?"

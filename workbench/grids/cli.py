@@ -19,7 +19,7 @@ from workbench.errors import WorkbenchError
 from workbench.grids.axes import FLAGS, parse_axis_values, split_csv
 from workbench.grids.plan import POSITIONS, GridRequest, Plan, make_plan
 
-KINDS_HELP = "checkpoint, prompt, seed, sr, cfg, steps or sampler"
+KINDS_HELP = "checkpoint, prompt, seed, sr, cfg, steps, sampler, lora or lora_weight"
 
 
 def read_prompts(path: Path) -> list[str]:
@@ -44,7 +44,8 @@ def parse_size(text: str) -> tuple[int, int]:
 
 def build_request(
     ckpts: str, prompts: Path, seeds: str, cfg: str, steps: str, sampler: str, size: str, negative: str,
-    sr: str | None, axes: dict[str, str | None],
+    sr: str | None, axes: dict[str, str | None], loras: str | None = None, lora_weight: str = "1",
+    lora_dirs: list[Path] | None = None,
 ) -> GridRequest:  # fmt: skip
     width, height = parse_size(size)
     paths = [Path(os.path.expanduser(p)) for p in split_csv(ckpts)]
@@ -62,6 +63,9 @@ def build_request(
         width=width,
         height=height,
         axes={p: k.strip().lower() for p, k in axes.items() if k},
+        loras=parse_axis_values("lora", loras) if loras is not None else [],
+        lora_weights=parse_axis_values("lora_weight", lora_weight),
+        lora_dirs=[Path(os.path.expanduser(d)) for d in lora_dirs or []],
     )
 
 
@@ -124,6 +128,16 @@ def grid(
     sr: str | None = typer.Option(
         None, "--sr", help='Prompt S/R: "search,rep1,rep2"; the first cell keeps the original prompt.'
     ),
+    loras: str | None = typer.Option(
+        None, "--loras", help="LoRA files as an axis, comma-separated; none = without (a.safetensors,none)."
+    ),
+    lora_weight: str = typer.Option(
+        "1", "--lora-weight", help="Strength of the --loras LoRA(s): 0.8 or 0,0.5,1 or 0-1 [5] (an axis)."
+    ),
+    lora_dir: list[Path] = typer.Option(
+        None, "--lora-dir", help="Folder where <lora:NAME:W> prompt tags are found (repeatable; then the "
+        "first checkpoint's folder, then models/Lora)."
+    ),
     x: str | None = typer.Option(None, "--x", help=f"Kind along columns: {KINDS_HELP} (default checkpoint)."),
     y: str | None = typer.Option(None, "--y", help=f"Kind along rows: {KINDS_HELP} (default prompt)."),
     z: str | None = typer.Option(
@@ -165,7 +179,7 @@ def grid(
     if out_dir is not None and out_dir.exists() and not out_dir.is_dir():
         raise WorkbenchError(f"-o {out_dir}: exists and is not a folder")
     request = build_request(ckpts, prompts, seeds, cfg, steps, sampler, size, negative, sr,
-                            {"x": x, "y": y, "z": z})  # fmt: skip
+                            {"x": x, "y": y, "z": z}, loras, lora_weight, lora_dir)  # fmt: skip
     plan = make_plan(request, force=force)
     out.print(plan_table(plan))
     out.print(plan_summary(plan), highlight=False)

@@ -16,6 +16,7 @@ from pathlib import Path
 from workbench.errors import WorkbenchError
 from workbench.grids import layout
 from workbench.grids.axes import FLAGS, KINDS, Axis, checkpoint_names, label_for
+from workbench.grids.lora_apply import cell_loras, check_cells, lora_plan, with_axis_lora
 from workbench.grids.samplers import resolve
 
 POSITIONS = ("x", "y", "z")
@@ -37,9 +38,14 @@ class GridRequest:
     width: int = 512
     height: int = 512
     axes: dict[str, str] = field(default_factory=dict)  # explicit position -> kind, from --x/--y/--z
+    loras: list[str] = field(default_factory=list)  # LoRA files or "none" (an axis kind: lora)
+    lora_weights: list[float] = field(default_factory=lambda: [1.0])  # their strength (lora_weight)
+    lora_dirs: list[Path] = field(default_factory=list)  # where <lora:NAME> tags are looked up
 
     def values(self, kind: str) -> list:
         return {
+            "lora": self.loras,
+            "lora_weight": self.lora_weights,
             "checkpoint": self.checkpoints,
             "prompt": self.prompts,
             "seed": self.seeds,
@@ -66,6 +72,7 @@ class Cell:
     sampler: str  # short key, e.g. euler_a
     width: int
     height: int
+    loras: tuple[tuple[str, float, float], ...] = ()  # (file, te, unet) from the prompt's <lora:> tags
 
     @property
     def file(self) -> str:
@@ -73,7 +80,7 @@ class Cell:
 
     def batch_key(self) -> tuple:
         """Cells with the same key can be sampled in one pipeline call."""
-        return (self.steps, self.cfg, self.sampler, self.width, self.height)
+        return (self.steps, self.cfg, self.sampler, self.width, self.height, self.loras)
 
 
 @dataclass
@@ -97,9 +104,10 @@ class Plan:
         return self.geometry.width * self.geometry.height / 1e6
 
     def render_order(self) -> list[Cell]:
-        """Checkpoint outermost (one load each), then batchable cells together, then file order."""
+        """Checkpoint outermost (one load each), then LoRA sets (applied in place: cheap), then
+        batchable cells together, then file order."""
         ckpt_rank = {p: i for i, p in enumerate(self.checkpoints)}
-        return sorted(self.cells, key=lambda c: (ckpt_rank[c.checkpoint], c.batch_key(), c.index))
+        return sorted(self.cells, key=lambda c: (ckpt_rank[c.checkpoint], c.loras, c.batch_key(), c.index))
 
     def shape(self) -> tuple[int, int, int]:
         return tuple(len(self.axes[p]) if self.axes[p] else 1 for p in POSITIONS)  # type: ignore[return-value]
@@ -194,6 +202,7 @@ def make_plan(
     _check_request(request)
     placed = assign_axes(request)
     seeds, drawn = resolve_seeds(request.seeds, rng)
+    lora_names, lookup = lora_plan(request)
     names = dict(zip(request.checkpoints, checkpoint_names(request.checkpoints), strict=True))
     samplers = [resolve(s).key for s in request.samplers]
     values = {
@@ -204,6 +213,8 @@ def make_plan(
         "cfg": [float(c) for c in request.cfgs],
         "steps": request.steps,
         "sampler": samplers,
+        "lora": lora_names,
+        "lora_weight": [float(w) for w in request.lora_weights],
     }
 
     def axis(kind: str) -> Axis:
@@ -212,6 +223,8 @@ def make_plan(
             labels = [names[p] for p in vals]
         elif kind == "sampler":
             labels = [resolve(s).display for s in vals]
+        elif kind == "lora":
+            labels = [v or "none" for v in vals]
         else:
             labels = [label_for(kind, v) for v in vals]
         return Axis(kind, list(vals), labels)
@@ -241,6 +254,8 @@ def make_plan(
                 search = request.sr[0] if request.sr else None
                 replacement = pick("sr")
                 ckpt = pick("checkpoint")
+                prompt = with_axis_lora(_apply_sr(pick("prompt"), search, replacement), pick("lora"),
+                                        pick("lora_weight"))  # fmt: skip
                 cells.append(
                     Cell(
                         index=len(cells),
@@ -249,7 +264,7 @@ def make_plan(
                         z=z,
                         checkpoint=ckpt,
                         checkpoint_name=names[ckpt],
-                        prompt=_apply_sr(pick("prompt"), search, replacement),
+                        prompt=prompt,
                         negative=_apply_sr(request.negative, search, replacement),
                         seed=pick("seed"),
                         cfg=pick("cfg"),
@@ -257,8 +272,10 @@ def make_plan(
                         sampler=pick("sampler"),
                         width=request.width,
                         height=request.height,
+                        loras=cell_loras(prompt, lookup),
                     )  # fmt: skip
                 )
     # The checkpoint order of the axis (or the one checkpoint) is the load order.
     order = list(dict.fromkeys(c.checkpoint for c in cells))
+    check_cells(cells)  # every LoRA fits its checkpoint (headers only), before anything renders
     return Plan(axes=axes, cells=cells, checkpoints=order, geometry=geo, resolved_seeds=drawn)

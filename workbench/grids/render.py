@@ -34,6 +34,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from workbench.grids.lora_apply import LoraState, strip_tags
 from workbench.grids.plan import Cell, Plan
 from workbench.grids.samplers import make_scheduler, resolve
 
@@ -153,7 +154,7 @@ class PromptCache:
         """The pipeline's embedding arguments for these cells."""
         import torch
 
-        pos = [self.get(c.prompt) for c in cells]
+        pos = [self.get(strip_tags(c.prompt)) for c in cells]  # <lora:...> tags are applied, not encoded
         neg = [self.get(c.negative, negative=True) for c in cells]
         kwargs = {
             "prompt_embeds": torch.cat([e for e, _ in pos]),
@@ -246,7 +247,7 @@ def render_cells(
     images: dict[int, Image.Image] = {}
     reloaded: dict[str, list[str]] = {}
     total = len(plan.cells)
-    pipe, pipe_configs, built, prompts = None, None, 0, None
+    pipe, pipe_configs, built, prompts, loras = None, None, 0, None, None
     report = progress or (lambda done, total, note: None)
 
     for ckpt, group in groupby(plan.render_order(), key=lambda c: c.checkpoint):
@@ -260,8 +261,12 @@ def render_cells(
             pipe.set_progress_bar_config(disable=True)
             pipe_configs, built = configs, built + 1
             prompts = PromptCache(pipe, device)
+            loras = LoraState(pipe, ckpt)
             reloaded[str(ckpt)] = ["all (new pipeline)"]
         else:
+            if loras.text_encoder_changed:
+                prompts.clear()
+            loras.use_checkpoint(ckpt)  # the originals back before the next checkpoint's weights
             reloaded[str(ckpt)] = load_weights_into(pipe, ckpt)
             if any(name.startswith("text_encoder") for name in reloaded[str(ckpt)]):
                 prompts.clear()
@@ -269,6 +274,10 @@ def render_cells(
 
         for _, same in groupby(cells, key=Cell.batch_key):
             same = list(same)
+            t0 = time.perf_counter()
+            if loras.apply(same[0].loras):  # in place; the text encoders changed: re-encode prompts
+                prompts.clear()
+            loading += time.perf_counter() - t0
             for i in range(0, len(same), max(1, batch)):
                 chunk = same[i : i + max(1, batch)]
                 t0, c0 = time.perf_counter(), time.process_time()

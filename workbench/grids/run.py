@@ -17,6 +17,7 @@ from workbench import __version__
 from workbench.checkpoint.hashing import autov2, sha256_file
 from workbench.grids import layout, metrics, report
 from workbench.grids.axes import format_number
+from workbench.grids.lora_apply import lora_hashes_field
 from workbench.grids.plan import POSITIONS, Cell, Plan
 from workbench.grids.pnginfo import format_parameters, save_png
 from workbench.grids.render import Progress, RenderResult, render_cells
@@ -59,6 +60,7 @@ def cell_fields(cell: Cell, model_hash: str | None) -> dict[str, object]:
     }
     if model_hash is None:  # a diffusers folder has no file hash; A1111 then leaves the key out too
         del fields["Model hash"]
+    fields.update(lora_hashes_field(cell.prompt, cell.loras))  # A1111's `Lora hashes: "name: hash"`
     return fields
 
 
@@ -132,6 +134,7 @@ def _grid_json(plan: Plan, hashes: dict[Path, tuple[str | None, str | None]], re
                 "sampler": resolve(c.sampler).display,
                 "size": [c.width, c.height],
                 "parameters": by_index[c.index].parameters,
+                "loras": [{"file": f, "te": te, "unet": unet} for f, te, unet in c.loras],
                 "scores": {"burn": round(by_index[c.index].burn, 3), "clip": _round(by_index[c.index].clip)},
             }
             for c in plan.cells
