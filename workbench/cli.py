@@ -61,9 +61,17 @@ def inspect(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
     no_hash: bool = typer.Option(False, "--no-hash", help="Skip the sha256 (reads the whole file once)."),
 ) -> None:
-    """Tell what a checkpoint is: architecture, components, dtypes, parameters, metadata and hashes."""
+    """Tell what a checkpoint or LoRA file is: architecture (LoRA: kind, family, ranks, alphas, training
+    metadata), components, dtypes, parameters, metadata and hashes."""
     from workbench.checkpoint.describe import describe
+    from workbench.lora.describe import is_lora
 
+    if is_lora(path):
+        from workbench.lora.cli import print_lora_description
+        from workbench.lora.describe import describe_lora
+
+        print_lora_description(describe_lora(path, with_hash=not no_hash), as_json)
+        return
     d = describe(path, with_hash=not no_hash)
     if as_json:
         sys.stdout.write(json.dumps(d.to_json(), indent=2) + "\n")
@@ -99,6 +107,10 @@ def inspect(
         for component, src in json.loads(d.metadata["wb.swap"]).items():
             swap_table.add_row(component, src.get("path", ""), (src.get("sha256") or "")[:10])
         out.print(swap_table)
+    if "wb.merge_recipe" in d.metadata:
+        from workbench.lora.cli import print_baked
+
+        print_baked(d.metadata)
     if d.ancestry:
         from workbench.merge.provenance import render_ancestry
 
@@ -144,6 +156,9 @@ from workbench.grids.cli import grid  # noqa: E402
 from workbench.merge.cli import merge_app  # noqa: E402
 
 app.add_typer(merge_app, name="merge")
+from workbench.lora.cli import lora_app  # noqa: E402
+
+app.add_typer(lora_app, name="lora")
 
 app.command("grid")(friendly(grid))
 

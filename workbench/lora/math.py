@@ -215,10 +215,33 @@ def low_rank(
     reshaped to the weight's input shape. alpha defaults to the rank (scale 1: all of S sits in up);
     another alpha rescales up so that (alpha / r) * up @ down is unchanged. kohya's quantile clamp
     of up and down is opt-in (`clamp_quantile`, e.g. 0.99); it adds error (LORA.md 2d)."""
-    shape = tuple(delta.shape)
     matrix = flatten_delta(delta.to(F32))
     r = max(1, min(rank, *matrix.shape))
     u, s, vh = svd(matrix, r, method, niter)
+    return _truncate(u, s, vh, r, tuple(delta.shape), clamp_quantile, alpha)
+
+
+def factored_svd(up: Tensor, down: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Exact SVD of up @ down (up [out, r], down [r, in]; convs flattened) from the factors alone:
+    QR of up and of down^T, then the SVD of the r x r core. Costs O((out + in) r^2) instead of an
+    SVD of the out x in product."""
+    up2, down2 = up.to(F32).flatten(1), down.to(F32).flatten(1)
+    q1, r1 = torch.linalg.qr(up2)
+    q2, r2 = torch.linalg.qr(down2.T)
+    u, s, vh = torch.linalg.svd(r1 @ r2.T)
+    return q1 @ u, s, vh @ q2.T
+
+
+def low_rank_factored(
+    up: Tensor, down: Tensor, rank: int, shape: Sequence[int], alpha: float | None = None
+) -> LowRank:
+    """low_rank of up @ down (no scale) through factored_svd; `shape` is the weight's shape."""
+    u, s, vh = factored_svd(up, down)
+    r = max(1, min(rank, len(s)))
+    return _truncate(u, s, vh, r, tuple(shape), None, alpha)
+
+
+def _truncate(u, s, vh, r, shape, clamp_quantile, alpha) -> LowRank:
     up = u[:, :r] * s[:r]
     down = vh[:r]
     if clamp_quantile is not None:

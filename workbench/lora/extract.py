@@ -1,0 +1,192 @@
+"""`wb lora extract`: a LoRA from a fine-tune, per module the best low-rank approximation of
+(tuned - base) (LORA.md 2d).
+
+Per module, in float32: D = W_tuned - W_base (OpenCLIP q/k/v: their row slices; convs flattened
+to [out, in*kh*kw]); SVD; up = U_r * S_r, down = Vh_r, alpha = r unless told (then up is rescaled
+so that (alpha / r) * up @ down is unchanged). No quantile clamp unless asked: kohya's 0.99 clamp
+adds 9-15% error even to an exactly low-rank difference. Reported per module and overall: the share
+of the difference's Frobenius norm the rank keeps, sqrt(sum S[:r]^2 / sum S^2).
+
+Modules follow kohya's selection (names.py groups): the transformer modules of the UNet ("attn")
+and the text encoder layers ("te"); with a conv rank, also the ResNet and sampler modules ("conv":
+3x3 kernels at the conv rank, linear and 1x1 ones at the rank, as kohya's LoRA-C3Lier does).
+Tensors are read one module at a time from the memory-mapped inputs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from workbench.checkpoint.describe import detect_architecture
+from workbench.checkpoint.hashing import sha256_file
+from workbench.checkpoint.lora_format import KohyaModule, kohya_metadata, write_kohya
+from workbench.checkpoint.reader import open_checkpoint, with_current_key_names
+from workbench.errors import WorkbenchError
+from workbench.lora import math as lm
+from workbench.lora.names import Target, lora_targets
+
+COMPONENTS = {"unet": ("unet",), "te": ("text_encoder", "text_encoder_2")}
+
+
+@dataclass
+class ModuleReport:
+    name: str
+    rank: int
+    kept: float  # share of the module difference's Frobenius norm kept
+    norm: float  # Frobenius norm of the difference
+
+
+@dataclass
+class ExtractResult:
+    path: Path
+    family: str
+    modules: list[ModuleReport]
+    kept: float  # overall: sqrt(sum kept energy / sum energy)
+    skipped_zero: int  # modules whose difference is exactly zero (not written)
+    te_dropped: bool  # the text encoders differ by at most min_diff: left out
+    seconds: float
+    zeroed: int  # entries cast to exact zero in the save dtype
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+def _diff(tuned, base, t: Target) -> torch.Tensor:
+    a = tuned[t.key].to(torch.float32)
+    b = base[t.key].to(torch.float32)
+    if t.rows is not None:
+        lo, hi = t.rows
+        a, b = a[lo:hi], b[lo:hi]
+    d = a - b
+    return d.T.contiguous() if t.transpose else d
+
+
+def extract(
+    tuned_path: str | os.PathLike,
+    base_path: str | os.PathLike,
+    out_path: str | os.PathLike,
+    rank: int,
+    conv_rank: int | None = None,
+    components: Iterable[str] = ("unet", "te"),
+    alpha: float | None = None,
+    conv_alpha: float | None = None,
+    method: str = "exact",
+    clamp_quantile: float | None = None,
+    min_diff: float = 0.0,
+    dtype: str = "F16",
+    progress: Callable[[int, int], None] | None = None,
+    command: str | None = None,
+) -> ExtractResult:
+    started = time.perf_counter()
+    if rank < 1 or (conv_rank is not None and conv_rank < 1):
+        raise WorkbenchError(f"--rank {rank}: ranks must be at least 1")
+    comps = set()
+    for c in components:
+        if c not in COMPONENTS:
+            raise WorkbenchError(f"--components: unknown component {c!r} (unet, te)")
+        comps.update(COMPONENTS[c])
+    tuned = with_current_key_names(open_checkpoint(tuned_path))
+    base = with_current_key_names(open_checkpoint(base_path))
+    out = Path(out_path)
+    try:
+        _, t_layout, variants = _arch(tuned)
+        _, b_layout, _ = _arch(base)
+        if t_layout != b_layout:
+            raise WorkbenchError(
+                f"{tuned.path} is {t_layout}, {base.path} is {b_layout}: not the same architecture"
+            )
+        family = t_layout
+        if family not in ("sd1", "sd2", "sdxl"):
+            raise WorkbenchError(
+                f"{tuned.path}: LoRAs are extracted from sd1, sd2 or sdxl checkpoints, not {family}"
+            )
+        groups = {"attn", "te"} | ({"conv"} if conv_rank else set())
+        targets = [
+            t for t in lora_targets(base.infos, family).values() if t.group in groups and t.component in comps
+        ]
+        for t in targets:  # everything checked from the headers first
+            other = tuned.infos.get(t.key)
+            if other is None:
+                raise WorkbenchError(f"{tuned.path}: no {t.key} (it is in {base.path})")
+            if other.shape != base.infos[t.key].shape:
+                raise WorkbenchError(
+                    f"{t.key}: {list(other.shape)} in {tuned.path}, "
+                    f"{list(base.infos[t.key].shape)} in {base.path}"
+                )
+        if not targets:
+            raise WorkbenchError(
+                f"{base.path}: no module to extract for components {', '.join(sorted(comps))}"
+            )
+        te_dropped = False
+        te = [t for t in targets if t.component != "unet"]
+        if te:
+            biggest = max(float(_diff(tuned, base, t).abs().max()) for t in te)
+            if biggest <= min_diff:
+                te_dropped = True
+                targets = [t for t in targets if t.component == "unet"]
+        modules: dict[str, KohyaModule] = {}
+        reports: list[ModuleReport] = []
+        energy = kept_energy = 0.0
+        skipped = 0
+        for i, t in enumerate(targets):
+            d = _diff(tuned, base, t)
+            is3x3 = t.kind == "conv"
+            r = conv_rank if is3x3 else rank
+            a = (conv_alpha if is3x3 else alpha) if (conv_alpha if is3x3 else alpha) is not None else None
+            norm2 = float(d.double().pow(2).sum())
+            if norm2 == 0.0:
+                skipped += 1
+            else:
+                low = lm.low_rank(d, r, method=method, clamp_quantile=clamp_quantile, alpha=a)
+                modules[t.name] = KohyaModule(low.up, low.down, low.alpha)
+                reports.append(ModuleReport(t.name, low.rank, low.kept, norm2**0.5))
+                energy += norm2
+                kept_energy += norm2 * low.kept**2
+            if progress is not None:
+                progress(i + 1, len(targets))
+        if not modules:
+            raise WorkbenchError(
+                f"{tuned.path} and {base.path} do not differ in any module: nothing to extract"
+            )
+        overall = (kept_energy / energy) ** 0.5 if energy else 1.0
+        base_sha = sha256_file(base.path) if base.path.is_file() else None
+        tuned_sha = sha256_file(tuned.path) if tuned.path.is_file() else None
+        provenance = {
+            "tuned": {"path": str(tuned.path.resolve()), "sha256": tuned_sha},
+            "base": {"path": str(base.path.resolve()), "sha256": base_sha},
+            "rank": rank, "conv_rank": conv_rank, "alpha": alpha, "conv_alpha": conv_alpha,
+            "svd": method, "clamp_quantile": clamp_quantile, "min_diff": min_diff,
+            "components": sorted(comps), "te_dropped": te_dropped, "fro_kept": round(overall, 6),
+        }  # fmt: skip
+        extra = {
+            "ss_sd_model_name": base.path.name,
+            "ss_new_sd_model_hash": base_sha or "",
+            "ss_training_comment": f"extracted by wb: {tuned.path.name} - {base.path.name}, rank {rank}",
+            "ss_output_name": out.stem,
+            "wb.lora_extract": json.dumps(provenance, sort_keys=True),
+        }
+        if command:
+            extra["wb.made_by"] = command
+        meta = kohya_metadata(
+            family, rank, float(alpha if alpha is not None else rank), conv_dim=conv_rank,
+            conv_alpha=float(conv_alpha if conv_alpha is not None else conv_rank) if conv_rank else None,
+            v_prediction="v-prediction" in variants, title=out.stem, extra=extra,
+        )  # fmt: skip
+        written = write_kohya(out, modules, meta, dtype, inputs=[tuned.path, base.path])
+    finally:
+        tuned.close()
+        base.close()
+    return ExtractResult(out, family, reports, overall, skipped, te_dropped, time.perf_counter() - started,
+                         written.zeroed, meta)  # fmt: skip
+
+
+def _arch(ckpt):
+    try:
+        return detect_architecture(ckpt.infos, ckpt.metadata)
+    except WorkbenchError as e:
+        raise WorkbenchError(f"{ckpt.path}: {e}") from None
