@@ -262,3 +262,15 @@ def test_lora_dadapt_recipe_is_seed_002():
     assert (r.schedule.name, r.schedule.warmup_ratio) == ("constant_with_warmup", 0.1)
     photoreal = load_recipe(RECIPES / "lora_photoreal.yaml")
     assert photoreal.network is not None and photoreal.optimizer.name == "adamw"
+
+
+def test_lr_find_runs_on_a_lora_recipe(base, tmp_path):
+    from workbench.train.lr_find import MIN_POINTS, RangeTest, run_range_test
+
+    test = RangeTest(lr_max=3e-2, steps=MIN_POINTS, val_every=1)
+    result, finding = run_range_test(recipe(base, validation={"timesteps": [500]}), test, tmp_path / "lr")
+    record = json.loads((tmp_path / "lr" / "run.json").read_text())
+    assert record["network"]["modules"] == {"unet": 72, "text_encoder": 30}
+    assert not list((tmp_path / "lr").glob("checkpoints/*"))
+    lrs = [m["lr/unet"] for m in read_metrics(tmp_path / "lr") if "lr/unet" in m]
+    assert lrs[-1] == pytest.approx(3e-2) and len(finding.lrs) >= MIN_POINTS
