@@ -7,7 +7,8 @@ everything still to learn, so the speed of learning shows in the validation loss
 pretrained toy base a LoRA on toy:shapes has nothing left to learn) at 32 px, UNet + text
 encoder with kohya's default modules, same data, seed and steps, once with AdamW at a fixed lr
 and once with D-Adaptation Adam (lr 1.0, decouple, weight decay 0.02: seed 002's settings).
-It prints, per run: the validation loss at the start and the end, the size of the change the LoRA makes (mean over modules of ||(alpha/r) up @ down||, the Frobenius norm
+It prints, per run: the validation loss at the start and the end, the size of the change the
+LoRA makes (mean over modules of ||(alpha/r) up @ down||, the Frobenius norm
 of dW), its stored weights' size (max |up|), and for D-Adaptation the final d*lr of the UNet.
 It draws validation loss against step (left) and D-Adaptation's logged lr/d*lr/unet (right).
 """
