@@ -165,3 +165,28 @@ def test_grid_cli_family_mismatch_is_exit_2_before_rendering(files, tmp_path):
                                  "--loras", str(xl_lora), "-o", str(out)])  # fmt: skip
     assert result.exit_code == 2
     assert "is a LoRA for sdxl" in result.output and not (out / "cells").exists()
+
+
+def test_swap_matrix_applies_prompt_tags_on_every_combination(files, tmp_path):
+    import shutil
+
+    from workbench.swap.matrix import swap_matrix
+
+    folder = tmp_path / "models"
+    folder.mkdir()
+    a = shutil.copy(files["base"], folder / "a.safetensors")
+    b = shutil.copy(files["base"], folder / "b.safetensors")  # the same weights: 4 equal cells
+    shutil.copy(files["lora"], folder / "style.safetensors")
+
+    def run(prompt, out):
+        return swap_matrix([a, b], [prompt], [7], out, steps=2, width=32, height=32, cfg=5.0,
+                           device="cpu", dtype=torch.float32)  # fmt: skip
+
+    tagged = run("a red circle <lora:style:1:0.8>", tmp_path / "tagged")
+    plain = run("a red circle", tmp_path / "plain")
+    images = {c.index: np.asarray(Image.open(tmp_path / "tagged" / c.file)) for c in tagged.cells}
+    assert all(np.array_equal(images[i], images[0]) for i in images)  # applied alike, never stacked
+    assert not np.array_equal(images[0], np.asarray(Image.open(tmp_path / "plain" / plain.cells[0].file)))
+    params = parse_parameters(tagged.cells[3].parameters)
+    assert params["prompt"] == "a red circle <lora:style:1:0.8>"
+    assert params["Lora hashes"].startswith("style: ")
