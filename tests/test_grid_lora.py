@@ -190,3 +190,18 @@ def test_swap_matrix_applies_prompt_tags_on_every_combination(files, tmp_path):
     params = parse_parameters(tagged.cells[3].parameters)
     assert params["prompt"] == "a red circle <lora:style:1:0.8>"
     assert params["Lora hashes"].startswith("style: ")
+
+
+def test_a_unet_only_switch_leaves_the_text_encoder_alone(files):
+    from workbench.pipeline import build_pipeline
+
+    pipe = build_pipeline(files["base"])
+    state = LoraState(pipe, files["base"])
+    lora = str(files["lora"])
+    assert state.apply(((lora, 1.0, 0.5),)) is True  # the text encoder changed: re-encode prompts
+    te = {k: v.clone() for k, v in pipe.text_encoder.state_dict().items()}
+    unet = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    assert state.apply(((lora, 1.0, 1.0),)) is False  # only the UNet's strength moved
+    assert all(torch.equal(v, pipe.text_encoder.state_dict()[k]) for k, v in te.items())
+    assert not all(torch.equal(v, pipe.unet.state_dict()[k]) for k, v in unet.items())
+    assert state.apply(((lora, 0.0, 1.0),)) is True and not state.text_encoder_changed

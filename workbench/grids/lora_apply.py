@@ -13,9 +13,9 @@ one place a cell's LoRAs come from.
 
 Applying: W <- W + m * dW for every module (the bake math of workbench/lora: alpha/rank included,
 computed in float32, written in the weight's dtype). The original tensors of the touched modules
-are kept (a copy, on the CPU) and copied back exactly before another LoRA set is applied or
-another checkpoint is loaded: never subtracted, so switching back is bit-exact. Switching costs a
-pass over the touched modules, never a pipeline rebuild.
+are kept and every change is computed from them (original + the sum of the LoRAs' m * dW), and a
+module no LoRA touches any more gets its original back: never subtracted, so switching back is
+bit-exact. Switching costs a pass over the modules whose LoRA strengths changed, never a rebuild.
 """
 
 from __future__ import annotations
@@ -200,13 +200,20 @@ def _module(model: torch.nn.Module, path: str) -> torch.nn.Module:
 
 
 class LoraState:
-    """The LoRAs applied to one pipeline's weights, with the original tensors of what they touch."""
+    """The LoRAs applied to one pipeline's weights, with the original tensors of what they touch.
+
+    A switch touches only the modules whose LoRA contributions change: each gets
+    `original + sum(m * dW)` (float32, cast to the weight's dtype); a module no LoRA touches any
+    more gets its original back. Originals and the LoRA factors are kept on the weights' device
+    (the originals cost the size of the touched weights: ~31% of an SD1.5 UNet, 86% of SDXL's)."""
 
     def __init__(self, pipe, checkpoint: Path):
         self.pipe, self.checkpoint = pipe, Path(checkpoint)
         self.active: tuple[tuple[str, float, float], ...] = ()
         self.backup: dict[tuple[str, str], torch.Tensor] = {}
-        self.text_encoder_changed = False
+        self.specs: dict[tuple[str, str], tuple] = {}  # module -> ((lora, module name, m), ...)
+        self.factors: dict[tuple[str, str], dict] = {}
+        self.text_encoder_changed = False  # whether the text encoders hold LoRA changes now
 
     def use_checkpoint(self, checkpoint: Path) -> None:
         """Before another checkpoint's weights are loaded into the pipeline: originals back first."""
@@ -218,8 +225,25 @@ class LoraState:
         for (component, path), original in self.backup.items():
             _module(getattr(self.pipe, component), path).weight.copy_(original)
         self.backup.clear()
+        self.specs.clear()
         self.active = ()
         self.text_encoder_changed = False
+
+    def _delta(self, lora_path: str, binding, module, weight: torch.Tensor) -> torch.Tensor:
+        """(alpha / r) * up @ down of one module, float32 on the weight's device (factors cached)."""
+        from workbench.lora import math as lm
+
+        if module.kind != "lora":  # LoHa / LoKr: through the file's own math
+            return binding.lora.delta(module, tuple(weight.shape)).to(weight.device)
+        key = (lora_path, module.name)
+        if key not in self.factors:
+            t = {r: binding.lora.tensor(module, r).to(weight.device, torch.float32)
+                 for r in module.keys if r != "alpha"}  # fmt: skip
+            if not all(torch.isfinite(v).all() for v in t.values()):
+                raise WorkbenchError(f"{lora_path}: module {module.name} holds non-finite values")
+            self.factors[key] = {**t, "alpha": binding.lora.alpha(module)}
+        f = self.factors[key]
+        return lm.lora_delta(f["up"], f["down"], f["alpha"], tuple(weight.shape), f.get("mid"))
 
     @torch.no_grad()
     def apply(self, loras: tuple[tuple[str, float, float], ...]) -> bool:
@@ -227,28 +251,34 @@ class LoraState:
         caller's prompt embeddings are then stale)."""
         if loras == self.active:
             return False
-        touched_te = self.text_encoder_changed
-        self.restore()
+        wanted: dict[tuple[str, str], list] = {}
         for path, te, unet in loras:
             binding = binding_for(Path(path), self.checkpoint)
             for pairs in binding.by_key.values():
                 for module, target in pairs:
                     m = unet if target.component == "unet" else te
-                    if m == 0:
-                        continue
-                    weight = _module(getattr(self.pipe, target.component), target.module).weight
-                    key = (target.component, target.module)
-                    if key not in self.backup:
-                        self.backup[key] = weight.detach().to("cpu", copy=True)
-                    delta = binding.lora.delta(module, tuple(weight.shape))
-                    if not torch.isfinite(delta).all():
-                        raise WorkbenchError(f"{path}: module {module.name} holds non-finite values")
-                    updated = weight.float() + m * delta.to(weight.device)
-                    weight.copy_(updated)
-                    if target.component != "unet":
-                        self.text_encoder_changed = True
-        self.active = loras
-        return touched_te or self.text_encoder_changed
+                    if m != 0:
+                        key = (target.component, target.module)
+                        wanted.setdefault(key, []).append((path, binding, module, m))
+        specs = {k: tuple((p, mod.name, m) for p, _, mod, m in v) for k, v in wanted.items()}
+        te_changed = False
+        for key in [k for k in self.backup if k not in wanted]:  # no LoRA on it any more
+            _module(getattr(self.pipe, key[0]), key[1]).weight.copy_(self.backup.pop(key))
+            te_changed |= key[0] != "unet"
+        for key, contributions in wanted.items():
+            if self.specs.get(key) == specs[key]:
+                continue  # the same LoRAs at the same strengths: already in place
+            weight = _module(getattr(self.pipe, key[0]), key[1]).weight
+            if key not in self.backup:
+                self.backup[key] = weight.detach().clone()
+            updated = self.backup[key].float()
+            for path, binding, module, m in contributions:
+                updated = updated + m * self._delta(path, binding, module, weight)
+            weight.copy_(updated)
+            te_changed |= key[0] != "unet"
+        self.specs, self.active = specs, loras
+        self.text_encoder_changed = any(k[0] != "unet" for k in self.backup)
+        return te_changed
 
 
 # --- what the plan calls --------------------------------------------------------------------------
