@@ -140,9 +140,10 @@ def lora_switch(steps: int, repeats: int) -> None:
     """`--lora`: what switching a LoRA's weight costs in a grid, against rendering one cell (toy).
 
     One toy pipeline and a LoCon (rank 16, UNet attention + convs + text encoder, every module kohya
-    adapts); the grid's LoraState switches weight 0.5 -> 1.0 -> 0.5 ... (each switch restores the
-    touched modules' originals and applies the new weight) and renders one cell (CFG 7, 64 px) between
-    switches, as `--lora-weight` cells do. Process CPU time, fastest of `repeats` x 5. Target: a
+    adapts); the grid's LoraState switches weight 0.5 -> 1.0 -> 0.5 ... (TE and UNet: every touched
+    module is recomputed from its original) and renders one cell (CFG 7, 64 px) between switches,
+    as `--lora-weight` cells do; the switch includes re-encoding the prompt (the TE changed).
+    Process CPU time, fastest of `repeats` x 5. Target: a
     switch costs at most 10% of a cell."""
     import torch
 
@@ -167,8 +168,11 @@ def lora_switch(steps: int, repeats: int) -> None:
         switch, render = [], []
         for i in range(repeats * 5 + 1):
             c0 = time.process_time()
-            if state.apply(((str(lora), 1.0, 0.5 + 0.5 * (i % 2)),)):
+            w = 0.5 + 0.5 * (i % 2)  # as `--lora-weight` cells: <lora:style:w>, TE and UNet at w
+            if state.apply(((str(lora), w, w),)):
                 prompts.clear()
+            with torch.inference_mode():
+                prompts.get(cell.prompt), prompts.get(cell.negative, negative=True)
             c1 = time.process_time()
             with torch.inference_mode():
                 sample_batch(pipe, [cell], _scheduler_config(base), "cpu", torch.float32, prompts)
