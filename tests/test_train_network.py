@@ -274,3 +274,9 @@ def test_lr_find_runs_on_a_lora_recipe(base, tmp_path):
     assert not list((tmp_path / "lr").glob("checkpoints/*"))
     lrs = [m["lr/unet"] for m in read_metrics(tmp_path / "lr") if "lr/unet" in m]
     assert lrs[-1] == pytest.approx(3e-2) and len(finding.lrs) >= MIN_POINTS
+
+
+def test_text_encoder_freezing_options_are_refused_in_a_lora_run(base, tmp_path):
+    r = recipe(base, text_encoder={"unfreeze_last_n_layers": 2})
+    with pytest.raises(WorkbenchError, match=r"^text_encoder\.unfreeze_last_n_layers: the base is frozen"):
+        loop.train(r, tmp_path / "run")

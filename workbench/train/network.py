@@ -331,6 +331,14 @@ def start_network(models, spec, recipe, accelerator):
         raise WorkbenchError("network: LoRA runs train on one process (one GPU) for now")
     if recipe.saving.format != ["single_file"]:
         raise WorkbenchError("saving.format: a LoRA run writes kohya LoRA files; use [single_file]")
+    for section in ("text_encoder", "text_encoder_2"):
+        te = recipe.text_encoder_section(section)
+        for name in ("unfreeze_last_n_layers", "freeze_embeddings", "freeze_final_layer_norm"):
+            if getattr(te, name) not in (None, False):
+                raise WorkbenchError(
+                    f"{section}.{name}: the base is frozen in a LoRA run; choose the adapted modules "
+                    "with network.targets instead"
+                )
     family = {"sd1": "sd1", "sd2": "sd2", "sdxl": "sdxl"}[spec.layout]
     network = build_network(models, family, models.unet.config, recipe)
     params = network.params()
