@@ -259,7 +259,7 @@ def test_dry_run_prints_the_plan_and_renders_nothing(toys, tmp_path):
     [
         (["--size", "64x60"], "--size"),
         (["--seeds", "one"], "--seeds"),
-        (["--cfg", "5-9"], "--cfg"),
+        (["--cfg", "5-9 (-1)"], "--cfg"),
         (["--sampler", "nope"], "--sampler"),
         (["--batch", "0"], "--batch"),
         (["--x", "colour"], "--x"),

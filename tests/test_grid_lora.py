@@ -81,6 +81,11 @@ def test_applied_in_place_as_the_bake_formula_and_restored_exactly(files):
 
 def request(files, **kw):
     prompts = kw.pop("prompts", ["a red circle"])
+    # the LoRA axes are registered kinds: their values travel in GridRequest.extra
+    names = (("lora", "loras"), ("lora_weight", "lora_weights"))
+    extra = {kind: kw.pop(name) for kind, name in names if name in kw}
+    if extra:
+        kw["extra"] = extra
     return GridRequest(checkpoints=kw.pop("checkpoints", [files["base"]]), prompts=prompts, seeds=[1],
                        steps=[2], width=32, height=32, **kw)  # fmt: skip
 

@@ -97,7 +97,9 @@ def read(path) -> dict[str, torch.Tensor]:
 
 
 def is_merged_component(key: str) -> bool:
-    return key.startswith((U, "cond_stage_model.")) and key != POS
+    # A1111's key set: every key whose name contains "model" (UNet, text encoder, VAE, EMA), but the
+    # text encoder's position_ids and the integer tensors.
+    return "model" in key and key not in (POS, "model_ema.num_updates")
 
 
 def run(method, paths, out, params, dtype="fp32", threads=2, **kw):
@@ -135,7 +137,7 @@ def test_elementwise_methods_match_the_formula_exactly(tmp_path, abc, name, monk
         if is_merged_component(key):
             assert torch.equal(t, ref(*(i[key] for i in ins), params)), key
         elif t.is_floating_point():
-            assert torch.equal(t, ins[0][key]), key  # VAE, EMA, scheduler buffers: copied from A
+            assert torch.equal(t, ins[0][key]), key  # scheduler buffers: copied from A
 
 
 def test_weighted_alpha_is_the_share_of_b(tmp_path, abc):
@@ -232,8 +234,13 @@ def test_per_component_alphas(tmp_path, abc):
     got, a, b = f32(out), f32(abc[0]), f32(abc[1])
     for key, alpha in ((IN04, 0.7), (TIME_EMBED, 0.7), (TE_KEY, 0.2), (VAE_KEY, 0.4)):
         assert torch.equal(got[key], (1 - alpha) * a[key] + alpha * b[key]), key
-    assert torch.equal(got["model_ema.diffusion_modelout2weight"], a["model_ema.diffusion_modelout2weight"])
+    ema = "model_ema.diffusion_modelout2weight"  # no weight of its own: the step's alpha (A1111's keys)
+    assert torch.equal(got[ema], 0.5 * a[ema] + 0.5 * b[ema])
     assert torch.equal(got["alphas_cumprod"], a["alphas_cumprod"])
+    old = tmp_path / "old.safetensors"
+    run("weighted", abc[:2], old, {"alpha": 0.5}, components={"vae": 0.4}, vae_from="A")
+    assert torch.equal(f32(old)[ema], a[ema])  # --vae-from A: the EMA is copied from A
+    assert torch.equal(f32(old)[VAE_KEY], 0.6 * a[VAE_KEY] + 0.4 * b[VAE_KEY])
 
 
 def test_block_names():
@@ -261,7 +268,7 @@ def test_block_weights_put_each_alpha_on_its_keys(tmp_path, abc):
     ):
         alpha = blocks[names.index(block)]
         assert torch.equal(got[key], (1 - alpha) * a[key] + alpha * b[key]), key
-    assert torch.equal(got[VAE_KEY], a[VAE_KEY])  # the VAE is still copied unless asked
+    assert torch.equal(got[VAE_KEY], 0.5 * a[VAE_KEY] + 0.5 * b[VAE_KEY])  # the step's own alpha
     recorded = json.loads(result.metadata["wb.merge_recipe"])
     assert recorded["block_names"] == names and "time_embed" in recorded["block_convention"]
 

@@ -162,6 +162,10 @@ app.add_typer(lora_app, name="lora")
 
 app.command("grid")(friendly(grid))
 
+from workbench.judge.cli import judge  # noqa: E402
+
+app.command("judge")(friendly(judge))
+
 swap_app = typer.Typer(
     help="Swap components: the UNet of one checkpoint with the text encoder of another.",
     invoke_without_command=True,

@@ -184,3 +184,39 @@ def load_weights_into(
                 current[k].copy_(v)
         changed.append(name)
     return changed
+
+
+VAE_FILE_PREFIXES = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
+
+
+def vae_state(
+    source: str | os.PathLike | Checkpoint, layout: str, vae_config: Mapping
+) -> dict[str, torch.Tensor]:
+    """The diffusers state dict of a VAE file (A1111's `*.vae.safetensors`: LDM keys without a
+    prefix) or of a checkpoint's VAE (`first_stage_model.*`)."""
+    from workbench.checkpoint.convert import VAE_PREFIX, ldm_to_diffusers
+
+    ckpt = source if isinstance(source, Checkpoint) else open_checkpoint(source)
+    if any(k.startswith(VAE_PREFIX) for k in ckpt.keys()):
+        part = {k: ckpt[k] for k in ckpt.keys() if k.startswith(VAE_PREFIX)}
+    else:
+        part = {VAE_PREFIX + k: ckpt[k] for k in ckpt.keys() if k.startswith(VAE_FILE_PREFIXES)}
+    if not part:
+        raise WorkbenchError(f"{ckpt.path}: no VAE tensors (first_stage_model.*, encoder.*, decoder.*)")
+    family = "sdxl" if layout.startswith("sdxl") else layout if layout in ("sd1", "sd2") else "sd1"
+    return ldm_to_diffusers(part, family, {"vae": vae_config})["vae"]
+
+
+def load_vae_into(pipe, source: str | os.PathLike | Checkpoint, layout: str) -> bool:
+    """Load a VAE file's (or another checkpoint's) VAE into the pipeline's VAE, in place.
+    Returns False when its tensors equal the loaded ones (nothing copied)."""
+    state = vae_state(source, layout, dict(pipe.vae.config))
+    current = pipe.vae.state_dict()
+    if current.keys() != state.keys() or any(current[k].shape != v.shape for k, v in state.items()):
+        raise WorkbenchError(f"--vae {source}: this VAE does not fit the checkpoint's VAE (other shapes)")
+    if all(torch.equal(current[k], v.to(current[k].dtype)) for k, v in state.items()):
+        return False
+    with torch.no_grad():
+        for k, v in state.items():
+            current[k].copy_(v)
+    return True

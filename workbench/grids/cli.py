@@ -16,10 +16,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from workbench.errors import WorkbenchError
-from workbench.grids.axes import FLAGS, parse_axis_values, split_csv
-from workbench.grids.plan import POSITIONS, GridRequest, Plan, make_plan
+from workbench.grids.axes import FLAGS, kinds, parse_axis_values, split_csv
+from workbench.grids.plan import POSITIONS, GridRequest, Plan, make_plan  # (registers the LoRA kinds)
 
-KINDS_HELP = "checkpoint, prompt, seed, sr, cfg, steps, sampler, lora or lora_weight"
+KINDS_HELP = ", ".join(kinds())
 
 
 def read_prompts(path: Path) -> list[str]:
@@ -42,29 +42,65 @@ def parse_size(text: str) -> tuple[int, int]:
     return width, int(m[2]) if m[2] else width
 
 
+def _vae_value(text: str) -> Path | str | None:
+    # A1111's "None" is the checkpoint's own VAE; "Automatic" a <stem>.vae.* file beside the
+    # checkpoint when there is one, else its own.
+    if text.strip().lower() in ("none", ""):
+        return None
+    if text.strip().lower() in ("automatic", "auto"):
+        return "automatic"
+    return Path(os.path.expanduser(text))
+
+
 def build_request(
     ckpts: str, prompts: Path, seeds: str, cfg: str, steps: str, sampler: str, size: str, negative: str,
-    sr: str | None, axes: dict[str, str | None], loras: str | None = None, lora_weight: str = "1",
+    sr: str | None, axes: dict[str, str | None], scheduler: str = "automatic", vae: str = "none",
+    clip_skip: str = "1", var_seeds: str = "-1", var_strength: str = "0", prompt_order: str | None = None,
+    notes: list[str] | None = None, loras: str | None = None, lora_weight: str = "1",
     lora_dirs: list[Path] | None = None,
 ) -> GridRequest:  # fmt: skip
-    width, height = parse_size(size)
+    """The request from the flags' texts; notes about values A1111 would read otherwise go to `notes`."""
+    sizes = [parse_size(s) for s in split_csv(size)] or [parse_size(size)]
+    width, height = sizes[0]
     paths = [Path(os.path.expanduser(p)) for p in split_csv(ckpts)]
     if not paths:
         raise WorkbenchError(f"{FLAGS['checkpoint']}: give at least one checkpoint")
+    texts = {"seed": seeds, "cfg": cfg, "steps": steps, "sampler": sampler, "scheduler": scheduler,
+             "vae": vae, "clip_skip": clip_skip, "subseed": var_seeds,
+             "subseed_strength": var_strength, "size": size}  # fmt: skip
+    if sr is not None:
+        texts["sr"] = sr
+    extra = {}  # the LoRA axes (kinds registered by grids/lora_apply.py)
+    if loras is not None:
+        extra["lora"] = parse_axis_values("lora", loras, notes)
+    if loras is not None or lora_weight.strip() != "1":
+        extra["lora_weight"] = parse_axis_values("lora_weight", lora_weight, notes)
+        texts["lora_weight"] = lora_weight
+
+    def values(kind: str) -> list:
+        return parse_axis_values(kind, texts[kind], notes)
+
     return GridRequest(
         checkpoints=paths,
         prompts=read_prompts(prompts),
-        seeds=parse_axis_values("seed", seeds),
-        cfgs=parse_axis_values("cfg", cfg),
-        steps=parse_axis_values("steps", steps),
-        samplers=parse_axis_values("sampler", sampler),
-        sr=parse_axis_values("sr", sr) if sr is not None else [],
+        seeds=values("seed"),
+        cfgs=values("cfg"),
+        steps=values("steps"),
+        samplers=values("sampler"),
+        sr=values("sr") if sr is not None else [],
         negative=negative,
         width=width,
         height=height,
         axes={p: k.strip().lower() for p, k in axes.items() if k},
-        loras=parse_axis_values("lora", loras) if loras is not None else [],
-        lora_weights=parse_axis_values("lora_weight", lora_weight),
+        schedulers=values("scheduler"),
+        vaes=[_vae_value(v) for v in values("vae")],
+        clip_skips=values("clip_skip"),
+        subseeds=values("subseed"),
+        subseed_strengths=values("subseed_strength"),
+        prompt_order=parse_axis_values("prompt_order", prompt_order, notes) if prompt_order else [],
+        sizes=sizes if len(sizes) > 1 else [],
+        texts={**texts, **({"prompt_order": prompt_order} if prompt_order else {})},
+        extra=extra,
         lora_dirs=[Path(os.path.expanduser(d)) for d in lora_dirs or []],
     )
 
@@ -89,6 +125,8 @@ def plan_table(plan: Plan) -> Table:
     fixed = {
         "checkpoint": first.checkpoint_name, "prompt": _shorten(first.prompt), "seed": str(first.seed),
         "cfg": f"{first.cfg:g}", "steps": str(first.steps), "sampler": first.sampler,
+        "scheduler": first.scheduler, "vae": "none" if first.vae is None else str(first.vae),
+        "clip_skip": str(first.clip_skip), "subseed_strength": f"{first.subseed_strength:g}",
     }  # fmt: skip
     for kind, value in fixed.items():
         if kind not in on_axis:
@@ -120,10 +158,35 @@ def grid(
     sampler: str = typer.Option(
         "euler_a",
         "--sampler",
-        help="Sampler(s): euler, euler_a, dpm++2m, dpm++2m_karras, ddim, pndm, unipc, heun, lms, ... "
-        "(A1111 names work too).",
+        help="Sampler(s): euler, euler_a, dpm++2m, dpm++2m_sde, dpm2, dpm2_a, ddim, pndm, unipc, heun, lms "
+        '(A1111 names work too: "DPM++ 2M"; "DPM++ 2M Karras" names the schedule type as well).',
     ),
-    size: str = typer.Option("512x512", "--size", help="Image size WIDTHxHEIGHT (multiples of 8)."),
+    scheduler: str = typer.Option(
+        "automatic", "--scheduler",
+        help="A1111 schedule type(s): automatic (the sampler's default: Karras for DPM++ 2M), uniform, "
+        "karras, exponential, sgm_uniform, beta, ddim.",
+    ),
+    vae: str = typer.Option(
+        "none", "--vae",
+        help="VAE(s): none (the checkpoint's own), automatic (a <stem>.vae.* beside the checkpoint), a VAE "
+        "file, or a checkpoint whose VAE is used.",
+    ),
+    clip_skip: str = typer.Option(
+        "1", "--clip-skip", help="A1111 clip skip(s): 1 = the last layer, 2 = penultimate."
+    ),
+    var_seeds: str = typer.Option(
+        "-1", "--var-seeds", help="Variation seed(s) (A1111's Var. seed); -1 = drawn once."
+    ),
+    var_strength: str = typer.Option(
+        "0", "--var-strength", help="Variation strength(s) 0..1 (A1111's Var. strength); 0 = off."
+    ),
+    prompt_order: str | None = typer.Option(
+        None, "--prompt-order",
+        help='Prompt order axis: "tok1,tok2,..." gives every order of these prompt parts.'
+    ),
+    size: str = typer.Option(
+        "512x512", "--size", help="Image size(s) WIDTHxHEIGHT (multiples of 8); several make a size axis."
+    ),
     negative: str = typer.Option("", "--negative", help="Negative prompt for every cell."),
     sr: str | None = typer.Option(
         None, "--sr", help='Prompt S/R: "search,rep1,rep2"; the first cell keeps the original prompt.'
@@ -178,9 +241,13 @@ def grid(
         raise WorkbenchError("-o/--out: give the folder to write the grid to")
     if out_dir is not None and out_dir.exists() and not out_dir.is_dir():
         raise WorkbenchError(f"-o {out_dir}: exists and is not a folder")
+    notes: list[str] = []
     request = build_request(ckpts, prompts, seeds, cfg, steps, sampler, size, negative, sr,
-                            {"x": x, "y": y, "z": z}, loras, lora_weight, lora_dir)  # fmt: skip
+                            {"x": x, "y": y, "z": z}, scheduler, vae, clip_skip, var_seeds, var_strength,
+                            prompt_order, notes, loras, lora_weight, lora_dir)  # fmt: skip
     plan = make_plan(request, force=force)
+    for note in notes:  # after the plan: a refused request prints its one error line and nothing else
+        out.print(f"note: {note}", highlight=False, markup=False, soft_wrap=True)
     out.print(plan_table(plan))
     out.print(plan_summary(plan), highlight=False)
     if dry_run:

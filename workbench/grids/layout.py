@@ -158,14 +158,16 @@ def draw_grid(
 ) -> Image.Image:
     """Paste each (x, y, z) image into its place and draw the labels. Missing cells stay white.
 
-    Every image must be exactly cell_w x cell_h."""
+    An image smaller than the cell (a size axis) is centred in it; a larger one is an error."""
     canvas = Image.new("RGB", (geo.width, geo.height), BACKGROUND)
     draw = ImageDraw.Draw(canvas)
     max_size = max(MIN_FONT, geo.band_h // 3 if geo.band_h else geo.cell_h // 8)
     for (x, y, z), image in images.items():
-        if image.size != (geo.cell_w, geo.cell_h):  # never resample silently: it hides bugs
+        if image.width > geo.cell_w or image.height > geo.cell_h:  # never resample silently: it hides bugs
             raise ValueError(f"cell {(x, y, z)} is {image.size}; cells are {geo.cell_w}x{geo.cell_h}")
-        canvas.paste(image.convert("RGB"), geo.cell_box(x, y, z)[:2])
+        left, top = geo.cell_box(x, y, z)[:2]
+        offset = ((geo.cell_w - image.width) // 2, (geo.cell_h - image.height) // 2)
+        canvas.paste(image.convert("RGB"), (left + offset[0], top + offset[1]))
     for z in range(geo.subgrids):
         left = geo.subgrid_left(z)
         if titles and geo.title_h:

@@ -27,6 +27,13 @@ from pathlib import Path
 import torch
 
 from workbench.errors import WorkbenchError
+from workbench.grids.axes import AxisKind, register_kind
+
+# The two axis kinds, in the registry of grids/axes.py; their values travel in GridRequest.extra
+# ("lora": files or none, "lora_weight": strengths) and each cell's in Cell.extra. A1111 has no such
+# axis type: the grid's infotext names them as wb does (its cells' prompts carry the <lora:> tags).
+register_kind(AxisKind("lora", "--loras", "LoRA"))
+register_kind(AxisKind("lora_weight", "--lora-weight", "LoRA weight", "float", "LoRA weight"))
 
 # A1111's extra-network tag: <kind:arguments>
 TAG = re.compile(r"<(\w+):([^>]+)>")
@@ -286,9 +293,11 @@ class LoraState:
 
 def lora_plan(request) -> tuple[list[str | None], LoraLookup]:
     """The `lora` axis values (tag names, None for none) and the lookup for every cell's tags."""
-    if request.lora_weights != [1.0] and not request.loras:
+    loras = [NONE if v is None else str(v) for v in request.extra.get("lora", [])]
+    weights = request.extra.get("lora_weight", [1.0])
+    if [float(w) for w in weights] != [1.0] and not loras:
         raise WorkbenchError("--lora-weight: sets the strength of the --loras LoRAs; give --loras too")
-    names, explicit = axis_loras(request.loras) if request.loras else ([None], {})
+    names, explicit = axis_loras(loras) if loras else ([None], {})
     first = request.checkpoints[0] if request.checkpoints else None
     return names, LoraLookup(explicit, default_folders(list(request.lora_dirs), first))
 

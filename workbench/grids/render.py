@@ -19,7 +19,7 @@ measures make a cell's pixels exactly independent of the batch on CPU (tests che
     computed row by row: a small-M GEMM's rounding depends on M; the other linears see
     batch x tokens rows, large enough for the kernel not to change;
   * the UNet never runs on a batch of one (oneDNN convolutions take another algorithm for N=1):
-    with CFG the batch is already 2 per cell; a lone cell without CFG is sampled twice.
+    with guidance the batch is already 2 per cell; a lone cell at CFG 1 is sampled twice.
 On CUDA, cuDNN/cuBLAS choose algorithms by batch size too and nothing here pins them: there, a
 cell's noise is batch-independent and its pixels are the same up to rounding.
 """
@@ -34,9 +34,11 @@ from pathlib import Path
 
 from PIL import Image
 
+from workbench.errors import WorkbenchError
 from workbench.grids.lora_apply import LoraState, strip_tags
+from workbench.grids.noise import cell_noise
 from workbench.grids.plan import Cell, Plan
-from workbench.grids.samplers import make_scheduler, resolve
+from workbench.grids.samplers import make_scheduler, resolve, resolve_schedule
 
 # progress(images done, images in total, what is happening)
 Progress = Callable[[int, int, str], None]
@@ -82,7 +84,7 @@ def initial_latents(cells: list[Cell], generators: list, channels: int, scale: i
     import torch
 
     latents = [
-        torch.randn((1, channels, c.height // scale, c.width // scale), generator=g, device=g.device)
+        cell_noise((channels, c.height // scale, c.width // scale), g, c.subseed, c.subseed_strength, device)
         for c, g in zip(cells, generators, strict=True)
     ]
     # Drawn in float32 then cast, so fp16 and fp32 runs start from the same noise.
@@ -115,20 +117,34 @@ def make_batch_invariant(unet) -> None:
 class PromptCache:
     """Text embeddings per prompt, encoded one prompt at a time, kept while the text encoder is unchanged."""
 
-    def __init__(self, pipe, device: str) -> None:
-        self.pipe, self.device = pipe, device
+    def __init__(self, pipe, device: str, layout: str = "sd1") -> None:
+        self.pipe, self.device, self.layout = pipe, device, layout
         self.sdxl = hasattr(pipe, "text_encoder_2")
-        self.cache: dict[tuple[str, bool], tuple] = {}
+        self.cache: dict[tuple[str, bool, int], tuple] = {}
 
     def clear(self) -> None:
         self.cache.clear()
 
-    def get(self, text: str, negative: bool = False) -> tuple:
+    def get(self, text: str, negative: bool = False, clip_skip: int = 1) -> tuple:
         """(embeddings, pooled embeddings or None) for one text, each with a batch of one."""
-        key = (text, negative)
+        key = (text, negative, clip_skip)
         if key not in self.cache:
             import torch
 
+            if clip_skip > 1:
+                if self.layout != "sd1":
+                    raise WorkbenchError(
+                        f"--clip-skip {clip_skip}: A1111 applies clip skip to SD1 text encoders only; "
+                        f"this checkpoint is {self.layout}"
+                    )
+                from workbench.text_encode import encode_with_clip_skip
+
+                tok = self.pipe.tokenizer
+                ids = tok(text, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                          return_tensors="pt").input_ids  # fmt: skip
+                embeds = encode_with_clip_skip(self.pipe.text_encoder, ids.to(self.device), clip_skip)
+                self.cache[key] = (embeds.to(self.pipe.text_encoder.dtype), None)
+                return self.cache[key]
             if self.sdxl:
                 embeds, _, pooled, _ = self.pipe.encode_prompt(
                     prompt=text,
@@ -154,8 +170,9 @@ class PromptCache:
         """The pipeline's embedding arguments for these cells."""
         import torch
 
-        pos = [self.get(strip_tags(c.prompt)) for c in cells]  # <lora:...> tags are applied, not encoded
-        neg = [self.get(c.negative, negative=True) for c in cells]
+        # <lora:...> tags are applied to the weights, not encoded (A1111 removes them from the text)
+        pos = [self.get(strip_tags(c.prompt), clip_skip=c.clip_skip) for c in cells]
+        neg = [self.get(c.negative, negative=True, clip_skip=c.clip_skip) for c in cells]
         kwargs = {
             "prompt_embeds": torch.cat([e for e, _ in pos]),
             "negative_prompt_embeds": torch.cat([e for e, _ in neg]),
@@ -193,16 +210,40 @@ def decode_latents(pipe, latents) -> list[Image.Image]:
     return images
 
 
+_GUIDED: dict[type, type] = {}
+
+
+def a1111_guidance(pipe) -> None:
+    """Make the pipeline guide as A1111 does: uncond + cfg * (cond - uncond) for every CFG >= 0.
+
+    diffusers turns guidance off at CFG <= 1 (it samples the prompt alone); A1111 does not, so CFG
+    0 is the negative prompt alone and 0.5 lies between. Only CFG 1 skips the unconditional pass,
+    where the formula gives the prompt's prediction anyway. The pipeline's class is swapped for a
+    subclass whose `do_classifier_free_guidance` says so; everything else is diffusers' own loop."""
+    cls = type(pipe)
+    if cls in _GUIDED.values():
+        return
+    if cls not in _GUIDED:
+        _GUIDED[cls] = type(
+            f"A1111Guided{cls.__name__}",
+            (cls,),
+            {"do_classifier_free_guidance": property(lambda self: self._guidance_scale != 1)},
+        )
+    pipe.__class__ = _GUIDED[cls]
+
+
 def denoise(pipe, cells: list[Cell], scheduler_config: dict, device: str, dtype, prompts: PromptCache):
     """The final latents of cells that share steps, CFG, sampler and size: one pipeline call."""
     import torch
 
     first = cells[0]
-    pipe.scheduler = make_scheduler(resolve(first.sampler), scheduler_config)
+    schedule = resolve_schedule(first.scheduler)
+    pipe.scheduler = make_scheduler(resolve(first.sampler), scheduler_config, schedule)
     make_batch_invariant(pipe.unet)
-    # diffusers applies CFG when guidance_scale > 1 (the UNet then sees 2 samples per cell); a lone
-    # cell without it is run twice so the UNet never sees a batch of one.
-    run = cells * 2 if len(cells) == 1 and first.cfg <= 1 else cells
+    a1111_guidance(pipe)
+    # Guidance runs for every CFG but 1 (the UNet then sees 2 samples per cell); a lone cell at CFG 1
+    # is run twice so the UNet never sees a batch of one.
+    run = cells * 2 if len(cells) == 1 and first.cfg == 1 else cells
     generators = [torch.Generator(device=device).manual_seed(c.seed) for c in run]
     channels, scale = pipe.unet.config.in_channels, pipe.vae_scale_factor
     latents = initial_latents(run, generators, channels, scale, dtype, device)
@@ -237,7 +278,7 @@ def render_cells(
     """Render every cell of `plan`; `on_image` sees each image as soon as it exists."""
     import torch
 
-    from workbench.pipeline import build_pipeline, load_weights_into
+    from workbench.pipeline import build_pipeline, load_vae_into, load_weights_into
 
     if device is None:
         device, dtype = pick_device()
@@ -260,7 +301,7 @@ def render_cells(
             pipe = build_pipeline(ckpt, dtype=dtype, device=device)
             pipe.set_progress_bar_config(disable=True)
             pipe_configs, built = configs, built + 1
-            prompts = PromptCache(pipe, device)
+            prompts = PromptCache(pipe, device, configs["layout"])
             loras = LoraState(pipe, ckpt)
             reloaded[str(ckpt)] = ["all (new pipeline)"]
         else:
@@ -270,26 +311,37 @@ def render_cells(
             reloaded[str(ckpt)] = load_weights_into(pipe, ckpt)
             if any(name.startswith("text_encoder") for name in reloaded[str(ckpt)]):
                 prompts.clear()
+        vae_now = None  # the checkpoint's own VAE is in the pipeline
         loading += time.perf_counter() - t0
 
-        for _, same in groupby(cells, key=Cell.batch_key):
-            same = list(same)
-            t0 = time.perf_counter()
-            if loras.apply(same[0].loras):  # in place; the text encoders changed: re-encode prompts
-                prompts.clear()
-            loading += time.perf_counter() - t0
-            for i in range(0, len(same), max(1, batch)):
-                chunk = same[i : i + max(1, batch)]
-                t0, c0 = time.perf_counter(), time.process_time()
-                with torch.inference_mode():
-                    out = sample_batch(pipe, chunk, scheduler_config, device, dtype, prompts)
-                sampling += time.perf_counter() - t0
-                sampling_cpu += time.process_time() - c0
-                for cell, image in zip(chunk, out, strict=True):
-                    images[cell.index] = image
-                    if on_image:
-                        on_image(cell, image)
-                report(len(images), total, name)
+        for vae, same_vae in groupby(cells, key=lambda c: c.vae):
+            if vae != vae_now:
+                t0 = time.perf_counter()
+                if vae is None:
+                    load_weights_into(pipe, ckpt, components=("vae",))
+                else:
+                    load_vae_into(pipe, vae, configs["layout"])
+                    reloaded[str(ckpt)].append(f"vae from {vae}")
+                vae_now = vae
+                loading += time.perf_counter() - t0
+            for _, same in groupby(same_vae, key=Cell.batch_key):
+                same = list(same)
+                t0 = time.perf_counter()
+                if loras.apply(same[0].loras):  # in place; the text encoders changed: re-encode prompts
+                    prompts.clear()
+                loading += time.perf_counter() - t0
+                for i in range(0, len(same), max(1, batch)):
+                    chunk = same[i : i + max(1, batch)]
+                    t0, c0 = time.perf_counter(), time.process_time()
+                    with torch.inference_mode():
+                        out = sample_batch(pipe, chunk, scheduler_config, device, dtype, prompts)
+                    sampling += time.perf_counter() - t0
+                    sampling_cpu += time.process_time() - c0
+                    for cell, image in zip(chunk, out, strict=True):
+                        images[cell.index] = image
+                        if on_image:
+                            on_image(cell, image)
+                    report(len(images), total, name)
 
     return RenderResult(
         images=images,

@@ -16,9 +16,8 @@ from PIL import Image
 from workbench import __version__
 from workbench.checkpoint.hashing import autov2, sha256_file
 from workbench.grids import layout, metrics, report
-from workbench.grids.axes import format_number
-from workbench.grids.lora_apply import lora_hashes_field
-from workbench.grids.plan import POSITIONS, Cell, Plan
+from workbench.grids.infotext import cell_fields, grid_fields, subgrid_firsts
+from workbench.grids.plan import POSITIONS, Cell, Plan, effective_schedule_label
 from workbench.grids.pnginfo import format_parameters, save_png
 from workbench.grids.render import Progress, RenderResult, render_cells
 from workbench.grids.samplers import resolve
@@ -45,23 +44,6 @@ class GridResult:
     render: RenderResult
     clip_note: str  # what was done about the CLIP score, in one line
     size: tuple[int, int]  # grid.png's width and height
-
-
-def cell_fields(cell: Cell, model_hash: str | None) -> dict[str, object]:
-    """The `Key: value` line of a cell's PNG info, in A1111's order and spelling."""
-    fields: dict[str, object] = {
-        "Steps": cell.steps,
-        "Sampler": resolve(cell.sampler).display,
-        "CFG scale": format_number(cell.cfg),
-        "Seed": cell.seed,
-        "Size": f"{cell.width}x{cell.height}",
-        "Model hash": model_hash,
-        "Model": cell.checkpoint_name,
-    }
-    if model_hash is None:  # a diffusers folder has no file hash; A1111 then leaves the key out too
-        del fields["Model hash"]
-    fields.update(lora_hashes_field(cell.prompt, cell.loras))  # A1111's `Lora hashes: "name: hash"`
-    return fields
 
 
 def checkpoint_hashes(path: Path) -> tuple[str | None, str | None]:
@@ -132,6 +114,11 @@ def _grid_json(plan: Plan, hashes: dict[Path, tuple[str | None, str | None]], re
                 "cfg": c.cfg,
                 "steps": c.steps,
                 "sampler": resolve(c.sampler).display,
+                "schedule_type": effective_schedule_label(c),
+                "vae": None if c.vae is None else str(c.vae),
+                "clip_skip": c.clip_skip,
+                "variation_seed": c.subseed if c.subseed_strength else None,
+                "variation_strength": c.subseed_strength,
                 "size": [c.width, c.height],
                 "parameters": by_index[c.index].parameters,
                 "loras": [{"file": f, "te": te, "unet": unet} for f, te, unet in c.loras],
@@ -183,11 +170,16 @@ def make_grid(
     # needs its checkpoint's hash only once the pipeline is built and a batch sampled.
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wb-hash")
     pending = {path: pool.submit(checkpoint_hashes, path) for path in plan.checkpoints}
+    vaes = {c.vae for c in plan.cells if c.vae is not None}
+    pending.update({vae: pool.submit(checkpoint_hashes, vae) for vae in vaes if vae not in pending})
     results: dict[int, CellResult] = {}
 
+    def fields_of(cell: Cell) -> dict[str, object]:
+        vae_hash = pending[cell.vae].result()[1] if cell.vae is not None else None
+        return cell_fields(cell, pending[cell.checkpoint].result()[1], vae_hash)
+
     def write_cell(cell: Cell, image: Image.Image) -> None:
-        model_hash = pending[cell.checkpoint].result()[1]
-        text = format_parameters(cell.prompt, cell.negative, cell_fields(cell, model_hash))
+        text = format_parameters(cell.prompt, cell.negative, fields_of(cell))
         write_atomic(out / cell.file, lambda tmp: save_png(image, tmp, text))
         results[cell.index] = CellResult(cell.index, cell.file, text, metrics.burn_score(image), None)
 
@@ -195,7 +187,7 @@ def make_grid(
         rendered = render_cells(
             plan, batch=batch, device=device, dtype=dtype, progress=progress, on_image=write_cell
         )
-        hashes = {path: future.result() for path, future in pending.items()}
+        hashes = {path: pending[path].result() for path in plan.checkpoints}
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
 
@@ -217,7 +209,18 @@ def make_grid(
         {(c.x, c.y, c.z): rendered.images[c.index] for c in plan.cells},
         geo, col_labels=labels["x"], row_labels=labels["y"], titles=labels["z"],
     )  # fmt: skip
-    grid_png = write_atomic(out / "grid.png", lambda tmp: grid.save(tmp, format="PNG"))
+    def grid_text(cell: Cell, with_z: bool) -> str:
+        return format_parameters(cell.prompt, cell.negative, grid_fields(plan, cell, fields_of(cell), with_z))
+
+    main_text = grid_text(plan.cells[0], True)
+    grid_png = write_atomic(out / "grid.png", lambda tmp: save_png(grid, tmp, main_text))
+    if plan.axes["z"] is not None:  # each Z sub-grid on its own, with its own infotext, as A1111 saves them
+        (out / "subgrids").mkdir(exist_ok=True)
+        for z, cell in enumerate(subgrid_firsts(plan)):
+            left = geo.subgrid_left(z)
+            part = grid.crop((left, 0, left + geo.subgrid_w, geo.height))
+            text = grid_text(cell, False)
+            write_atomic(out / "subgrids" / f"{z:02d}.png", lambda tmp, p=part, t=text: save_png(p, tmp, t))
     ordered = [results[c.index] for c in plan.cells]
     data = _grid_json(plan, hashes, ordered, rendered, clip_info, clip_note, grid.size)
     grid_json = write_atomic(out / "grid.json", lambda tmp: tmp.write_text(json.dumps(data, indent=2) + "\n"))

@@ -57,7 +57,7 @@ def _te_opt():
 
 
 def _vae_opt():
-    return typer.Option(None, "--vae-alpha", help="Merge the VAE with this weight (default: copied from A).")
+    return typer.Option(None, "--vae-alpha", help="Merge the VAE with this weight (default: the method's).")
 
 
 def _blocks_opt():
@@ -77,6 +77,21 @@ def _dtype_opt(default: str | None = "fp16"):
         help="Output dtype of float tensors: fp16, bf16 or fp32 "
         "(merging is always done in float32; integer tensors are never cast).",
     )
+
+
+def _vae_from_opt():
+    return typer.Option(
+        "merge", "--vae-from",
+        help="merge (default, A1111's key set: every key named *model*, the VAE and EMA included) or A "
+        "(copy the VAE, EMA and buffers from A unless --vae-alpha, wb's earlier default).",
+    )  # fmt: skip
+
+
+def _discard_opt():
+    return typer.Option(
+        None, "--discard", help="Leave out every key matching this regular expression (A1111's "
+        "\"Discard weights with matching name\"), e.g. '^model_ema\\.'.",
+    )  # fmt: skip
 
 
 def _threads_opt():
@@ -112,7 +127,10 @@ def _command_line(name: str, args: list, options: dict) -> str:
     return shlex.join(parts)
 
 
-COMMON_OPTIONS = ("output", "unet_alpha", "te_alpha", "vae_alpha", "blocks", "dtype", "threads", "dry_run")
+COMMON_OPTIONS = (
+    "output", "unet_alpha", "te_alpha", "vae_alpha", "blocks", "dtype", "threads", "dry_run",
+    "vae_from", "discard",
+)  # fmt: skip
 
 
 def _common(values: dict) -> dict:
@@ -133,6 +151,8 @@ def _merge_command(
     dtype: str,
     threads: int,
     dry_run: bool,
+    vae_from: str = "merge",
+    discard: str | None = None,
 ) -> None:
     from workbench.merge.recipe import single_step
 
@@ -143,6 +163,8 @@ def _merge_command(
         {"unet": unet_alpha, "text_encoder": te_alpha, "vae": vae_alpha},
         _parse_blocks(blocks),
         dtype,
+        vae_from,
+        discard,
     )
     options = {
         **params,
@@ -151,6 +173,8 @@ def _merge_command(
         "vae_alpha": vae_alpha,
         "blocks": blocks,
         "dtype": dtype,
+        "vae_from": None if vae_from == "merge" else vae_from,
+        "discard": discard,
     }
     _run(recipe, output, threads, dry_run, _command_line(name, [*paths, "-o", output], options))
 
@@ -274,6 +298,8 @@ def weighted(
     dtype: str = _dtype_opt(),
     threads: int = _threads_opt(),
     dry_run: bool = _dry_opt(),
+    vae_from: str = _vae_from_opt(),
+    discard: str | None = _discard_opt(),
 ) -> None:
     """Weighted sum: (1 - alpha) * A + alpha * B. Alpha is the share of B, as in A1111."""
     _merge_command("weighted", [a, b], {"alpha": alpha}, **_common(locals()))
@@ -294,6 +320,8 @@ def add_diff(
     dtype: str = _dtype_opt(),
     threads: int = _threads_opt(),
     dry_run: bool = _dry_opt(),
+    vae_from: str = _vae_from_opt(),
+    discard: str | None = _discard_opt(),
 ) -> None:
     """Add difference: A + alpha * (B - C)."""
     _merge_command("add-diff", [a, b, c], {"alpha": alpha}, **_common(locals()))
@@ -315,6 +343,8 @@ def triple_sum(
     dtype: str = _dtype_opt(),
     threads: int = _threads_opt(),
     dry_run: bool = _dry_opt(),
+    vae_from: str = _vae_from_opt(),
+    discard: str | None = _discard_opt(),
 ) -> None:
     """Triple sum: (1 - alpha - beta) * A + alpha * B + beta * C."""
     _merge_command("triple-sum", [a, b, c], {"alpha": alpha, "beta": beta}, **_common(locals()))
@@ -336,6 +366,8 @@ def sum_twice(
     dtype: str = _dtype_opt(),
     threads: int = _threads_opt(),
     dry_run: bool = _dry_opt(),
+    vae_from: str = _vae_from_opt(),
+    discard: str | None = _discard_opt(),
 ) -> None:
     """Sum twice: (1 - beta) * ((1 - alpha) * A + alpha * B) + beta * C."""
     _merge_command("sum-twice", [a, b, c], {"alpha": alpha, "beta": beta}, **_common(locals()))
@@ -355,6 +387,8 @@ def slerp(
     dtype: str = _dtype_opt(),
     threads: int = _threads_opt(),
     dry_run: bool = _dry_opt(),
+    vae_from: str = _vae_from_opt(),
+    discard: str | None = _discard_opt(),
 ) -> None:
     """Spherical interpolation per tensor; alpha is the share of B."""
     _merge_command("slerp", [a, b], {"alpha": alpha}, **_common(locals()))
@@ -375,6 +409,8 @@ def ties(
     dtype: str = _dtype_opt(),
     threads: int = _threads_opt(),
     dry_run: bool = _dry_opt(),
+    vae_from: str = _vae_from_opt(),
+    discard: str | None = _discard_opt(),
 ) -> None:
     """TIES-merging: trim each delta to its top density, elect signs, average the agreeing entries.
 
@@ -400,6 +436,8 @@ def dare(
     dtype: str = _dtype_opt(),
     threads: int = _threads_opt(),
     dry_run: bool = _dry_opt(),
+    vae_from: str = _vae_from_opt(),
+    discard: str | None = _discard_opt(),
 ) -> None:
     """DARE: drop delta entries at random, rescale the rest by 1 / (1 - drop), add them to the base.
 
@@ -460,3 +498,31 @@ def replay(
 
     recipe = replay_recipe(merged, search or [])
     _run(recipe, output, threads, dry_run, _command_line("replay", [merged], {"output": output}))
+
+
+@merge_app.command("copy")
+@friendly
+def copy(
+    a: Path = typer.Argument(..., help="Model A, copied."),
+    output: Path = _output_opt(),
+    bake_vae: Path | None = typer.Option(
+        None, "--bake-vae", help="A VAE file (or a checkpoint) whose VAE replaces A's, as A1111 bakes it in."
+    ),
+    prune_ema: bool = typer.Option(False, "--prune-ema", help="Leave out the EMA weights (model_ema.*)."),
+    dtype: str | None = typer.Option(
+        None, "--dtype", help="fp16 or bf16: float32 tensors converted (A1111's rule); fp32: every float."
+    ),
+    discard: str | None = _discard_opt(),
+) -> None:
+    """A1111's "No interpolation": copy A, optionally baking in a VAE, pruning the EMA, converting dtypes."""
+    from workbench.merge.copy import copy_checkpoint
+
+    options = {"output": output, "bake_vae": bake_vae, "prune_ema": prune_ema, "dtype": dtype,
+               "discard": discard}  # fmt: skip
+    command = _command_line("copy", [a], options)
+    result = copy_checkpoint(a, output, bake_vae, prune_ema, dtype, discard, command)
+    out.print(
+        f"wrote [bold]{result.path}[/] ({human_bytes(result.bytes)}): {result.keys} keys, "
+        f"{result.baked} VAE tensors baked in, {result.cast} converted, {len(result.dropped)} left out",
+        highlight=False,
+    )

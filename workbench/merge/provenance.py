@@ -166,8 +166,9 @@ def _a1111_recipe(step: Step, refs: Mapping[str, str | None], plan: MergePlan, o
         "multiplier": step.params[method.weight_param],
         "save_as_half": plan.recipe.dtype == "fp16",
         "custom_name": out_path.stem if step.name == plan.recipe.output else step.name,
+        "config_source": 0,  # A1111's "Copy config from: A, B or C" (its radio button's index)
         "bake_in_vae": "None",
-        "discard_weights": "",
+        "discard_weights": plan.recipe.discard or "",
         "is_inpainting": "inpaint" in plan.variants,
         "is_instruct_pix2pix": "instruct-pix2pix" in plan.variants,
         "wb_method": method.name,
@@ -179,6 +180,7 @@ def _a1111_recipe(step: Step, refs: Mapping[str, str | None], plan: MergePlan, o
         "wb_model_names": names,
         "wb_roles": method.input_roles(len(step.inputs)),
         "wb_dtype": plan.recipe.dtype,
+        "wb_vae_from": plan.recipe.vae_from,
     }
 
 

@@ -10,8 +10,12 @@ for ties and dare) for the keys they name:
 - UNet keys: the block weight of the key's block when `blocks` is given, else `components.unet`,
   else the step's own weight;
 - text encoder keys: `components.text_encoder`, else the BASE block weight, else the step's weight;
-- VAE, EMA and everything else (scheduler buffers): merged only when `components` names them;
-  otherwise the step passes its first input (A, or the base) through unchanged.
+- VAE, EMA and everything else: with `vae_from: merge` (the default, A1111's key set) every key
+  whose name contains "model" is merged with the step's weight (the VAE and the EMA included;
+  `alphas_cumprod` and the other scheduler buffers are not); with `vae_from: A` (wb's key set
+  before 0.x) they are merged only when `components` names them, else copied from A.
+`discard` is a regular expression: matching keys are left out of the output (A1111's "Discard
+weights with matching name").
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from workbench.merge.methods import LORA_METHOD, Method, check_params, get_metho
 RECIPE_FORMAT = "wb-merge-recipe/1"
 DTYPES = {"fp16": "F16", "bf16": "BF16", "fp32": "F32"}
 COMPONENTS = ("unet", "text_encoder", "vae", "ema", "other")
+VAE_FROM = ("merge", "A")  # A1111's key set (every "model" key), or VAE / EMA / buffers copied from A
 COMPONENT_ALIASES = {
     "te": "text_encoder",
     "clip": "text_encoder",
@@ -63,10 +68,14 @@ class Step:
     def spec(self) -> Method:
         return get_method(self.method)
 
-    def weight(self, component: str, block_index: int | None) -> float | None:
+    def weight(
+        self, component: str, block_index: int | None, key: str = "", a1111_keys: bool = False
+    ) -> float | None:
         """The weight parameter's value for a key of `component` in block `block_index` (None: not
         merged, the step passes its first input through). See the module docstring for the rules."""
         main = self.params[self.spec.weight_param]
+        if component not in ("unet", "text_encoder", "text_encoder_2") and component not in self.components:
+            return main if a1111_keys and "model" in key else None
         if component == "unet":
             if self.blocks is not None and block_index is not None:
                 return self.blocks[block_index]
@@ -89,6 +98,8 @@ class Recipe:
     steps: list[Step]
     output: str
     dtype: str = "fp16"
+    vae_from: str = "merge"
+    discard: str | None = None
 
     def input(self, name: str) -> Input | None:
         return next((i for i in self.inputs if i.name == name), None)
@@ -109,6 +120,8 @@ class Recipe:
             "steps": [asdict(s) for s in self.steps],
             "output": self.output,
             "dtype": self.dtype,
+            "vae_from": self.vae_from,
+            "discard": self.discard,
         }
 
     def to_json(self) -> str:
@@ -122,6 +135,8 @@ def single_step(
     components: Mapping[str, float | None] | None = None,
     blocks: list[float] | None = None,
     dtype: str = "fp16",
+    vae_from: str = "merge",
+    discard: str | None = None,
 ) -> Recipe:
     """The recipe of one CLI merge: inputs named by their role (A, B, C, or base, M1, M2, ...)."""
     method = get_method(method_name)
@@ -129,7 +144,7 @@ def single_step(
     inputs = [Input(role, str(p)) for role, p in zip(roles, paths, strict=True)]
     comps = {k: v for k, v in (components or {}).items() if v is not None}
     step = Step("merge", method.name, roles, dict(params), comps, blocks)
-    return validate(Recipe(inputs, [step], "merge", dtype), "command line")
+    return validate(Recipe(inputs, [step], "merge", dtype, vae_from, discard), "command line")
 
 
 def validate(recipe: Recipe, where: str) -> Recipe:
@@ -137,6 +152,18 @@ def validate(recipe: Recipe, where: str) -> Recipe:
     steps that the output needs, with every parameter filled in."""
     if recipe.dtype not in DTYPES:
         raise WorkbenchError(f"{where}: dtype {recipe.dtype!r} is not one of {', '.join(DTYPES)}")
+    vae_from = {"merge": "merge", "a": "A"}.get(str(recipe.vae_from).lower())
+    if vae_from is None:
+        raise WorkbenchError(f"{where}: vae_from {recipe.vae_from!r} is not one of merge, A")
+    recipe.vae_from = vae_from
+    if recipe.discard is not None:
+        if not isinstance(recipe.discard, str) or not recipe.discard:
+            raise WorkbenchError(f"{where}: discard must be a regular expression (a non-empty string)")
+        try:
+            re.compile(recipe.discard)
+        except re.error as e:
+            bad = f"{where}: discard {recipe.discard!r} is not a regular expression: {e}"
+            raise WorkbenchError(bad) from None
     names: set[str] = set()
     for inp in recipe.inputs:
         _check_name(inp.name, where, names)
@@ -250,6 +277,8 @@ def _prune(recipe: Recipe) -> Recipe:
         [s for s in recipe.steps if s.name in needed],
         recipe.output,
         recipe.dtype,
+        recipe.vae_from,
+        recipe.discard,
     )
 
 
@@ -259,7 +288,8 @@ def from_dict(doc: Mapping, where: str, base_dir: Path | None = None) -> tuple[R
     Relative input paths resolve against `base_dir` (the current directory when None)."""
     if not isinstance(doc, Mapping):
         raise WorkbenchError(f"{where}: a recipe is a mapping with inputs, steps and output")
-    unknown = sorted(set(doc) - {"format", "inputs", "steps", "output", "dtype", "description"})
+    fields = {"format", "inputs", "steps", "output", "dtype", "description", "vae_from", "discard"}
+    unknown = sorted(set(doc) - fields)
     if unknown:
         raise WorkbenchError(f"{where}: unknown field {unknown[0]!r}")
     inputs = _inputs_from(doc.get("inputs"), where, base_dir)
@@ -272,7 +302,8 @@ def from_dict(doc: Mapping, where: str, base_dir: Path | None = None) -> tuple[R
     if output is None and steps:
         output = steps[-1].name
     dtype = str(doc.get("dtype", "fp16"))
-    return Recipe(inputs, steps, str(output), dtype), (str(out_path) if out_path else None)
+    recipe = Recipe(inputs, steps, str(output), dtype, str(doc.get("vae_from", "merge")), doc.get("discard"))
+    return recipe, (str(out_path) if out_path else None)
 
 
 def _inputs_from(raw, where: str, base_dir: Path | None) -> list[Input]:
@@ -366,7 +397,9 @@ def from_json(text: str, where: str) -> Recipe:
     try:
         inputs = [Input(**i) for i in doc["inputs"]]
         steps = [Step(**s) for s in doc["steps"]]
-        recipe = Recipe(inputs, steps, doc["output"], doc["dtype"])
+        # Recorded before vae_from existed: those merges copied the VAE, EMA and buffers from A.
+        vae_from, discard = doc.get("vae_from", "A"), doc.get("discard")
+        recipe = Recipe(inputs, steps, doc["output"], doc["dtype"], vae_from, discard)
     except (KeyError, TypeError) as e:
         raise WorkbenchError(f"{where}: malformed recipe ({e})") from None
     return validate(recipe, where)

@@ -156,7 +156,7 @@ def swap_matrix(
 
     lookup = LoraLookup({}, default_folders([], paths[0]))
     lora_sets = {p: cell_loras(p, lookup) for p in prompts}
-    check_cells([Cell(0, 0, 0, 0, path, "", p, "", 0, 0.0, 1, sampler, 8, 8, lora_sets[p])
+    check_cells([Cell(0, 0, 0, 0, path, "", p, "", 0, 0.0, 1, sampler, 8, 8, loras=lora_sets[p])
                  for path in paths for p in prompts])  # fmt: skip
 
     pipe = build_pipeline(paths[0], dtype=dtype, device=device)

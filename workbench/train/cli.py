@@ -154,6 +154,8 @@ def _print_result(result) -> None:
     if (result.run_dir / "index.html").is_file():
         table.add_row("report", str(result.run_dir / "index.html"))
     out.print(table)
+    for warning in result.data_warnings:  # also in run.json's data.skipped_files / data.notes
+        err.print(f"[yellow]warning:[/] data: {warning}", highlight=False, soft_wrap=True)
     if result.stopped == "nan":
         raise WorkbenchError(result.message)
     if result.stopped == "interrupted":
@@ -295,6 +297,8 @@ def lr_find(
         out_dir = output or Path("runs") / f"{recipe.stem}-lr-find-{time.strftime('%Y%m%d-%H%M%S')}"
         source = {"recipe": str(recipe), "overrides": overrides}
         result, finding = _run_range_test(lf, r, test, out_dir, source)
+        for warning in result.data_warnings:  # files skipped, data settings ignored
+            err.print(f"[yellow]warning:[/] data: {warning}", highlight=False, soft_wrap=True)
         base = r.to_dict()
         extra = {
             "recipe": str(recipe),

@@ -1,7 +1,10 @@
 """Training data: captioned images from a folder or the procedural toy set, split reproducibly.
 
-Captions follow EveryDream2 / kohya: a `.txt` sidecar beside the image, else `.caption`, else the
-file name up to the first `_` ("red circle_003.png" -> "red circle"). Images are turned upright
+A folder is read as kohya or EveryDream2 lay theirs out (folders.py): captions from a `.txt` or
+`.caption` sidecar, else the file name up to the first `_` ("red circle_003.png" -> "red circle")
+or a kohya folder's class tokens; repeats from kohya's `N_name` folders or ED2's multiply.txt;
+unusable files skipped and listed. Repeats apply to the training split only (`with_repeats`): the
+validation split is drawn from the distinct images. Images are turned upright
 by their EXIF orientation, resized so the shorter side is `resolution`, then center-cropped square;
 with `aspect_buckets` each is resized to cover its bucket instead (see buckets.py).
 
@@ -10,7 +13,7 @@ data and seed give the same split on any machine; it is written to `split.json` 
 The stabilize-train subset (for `loss/train_stable`) is a fixed sample of the TRAIN examples, so its
 loss shows how well the model fits data it trains on, measured as stably as validation loss.
 
-Augmentation (flip, caption dropout, tag shuffling) draws from a generator seeded by
+Augmentation (flip, tag shuffling and dropout, caption dropout) draws from a generator seeded by
 (seed, epoch, index): an example looks the same whenever it is visited at the same point of a run,
 which is what a future exact resume needs, and is independent of batch size and worker count.
 """
@@ -19,8 +22,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import random
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -28,28 +33,57 @@ import torch
 from PIL import Image, ImageOps
 
 from workbench.errors import WorkbenchError
+from workbench.train.folders import Skipped, scan
 from workbench.train.recipe import TOY_DATA, DataSection
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-CAPTION_SUFFIXES = (".txt", ".caption")
 
 
 @dataclass(frozen=True)
 class Example:
-    """One image and its caption. `key` identifies it in split.json (a relative path or toy:NNNN)."""
+    """One image and its caption. `key` identifies it in split.json (a relative path or toy:NNNN).
+
+    `repeats`: how many times it is trained per epoch (kohya's N_ folders, ED2's multiply.txt; may
+    be fractional, see with_repeats). `flip_p`, `cond_dropout`: its folder's values, None for the
+    recipe's; `shuffle`: its folder asks for tag shuffling (ED2's shuffle_tags)."""
 
     key: str
     caption: str
     path: Path | None = None
     spec: object | None = None  # a workbench.toy.shapes.ShapeSpec for toy:shapes
+    repeats: float = 1.0
+    flip_p: float | None = None
+    cond_dropout: float | None = None
+    shuffle: bool = False
 
 
-def caption_for(image: Path) -> str:
-    for suffix in CAPTION_SUFFIXES:
-        sidecar = image.with_suffix(suffix)
-        if sidecar.is_file():
-            return sidecar.read_text(encoding="utf-8").strip()
-    return image.stem.split("_", 1)[0].strip()
+@dataclass
+class Data:
+    """What the recipe's data holds: the examples (distinct images), the layout it was read as
+    (toy, folders, kohya), the files skipped and why, and notes about settings ignored."""
+
+    examples: list[Example]
+    layout: str
+    skipped: list[Skipped] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def warnings(self) -> list[str]:
+        return [f"{s.file}: {s.reason}, skipped" for s in self.skipped] + list(self.notes)
+
+    def record(self) -> dict:
+        """For run.json: layout, skipped files (with reasons) and notes."""
+        return {
+            "layout": self.layout,
+            "skipped": len(self.skipped),
+            "skipped_files": [{"file": s.file, "reason": s.reason} for s in self.skipped],
+            **({"notes": list(self.notes)} if self.notes else {}),
+        }
+
+
+def read_data(data: DataSection) -> Data:
+    """The recipe's data: every usable example in a fixed order (sorted keys), and what was left out."""
+    if data.root == TOY_DATA:
+        return Data(load_examples(data), "toy")
+    found = scan(Path(data.root), data.layout, data.caption_extension)
+    return Data(found.examples, found.layout, found.skipped, found.notes)
 
 
 def load_examples(data: DataSection) -> list[Example]:
@@ -64,21 +98,30 @@ def load_examples(data: DataSection) -> list[Example]:
             raise WorkbenchError(f"data.toy: {e}") from None
         digits = len(str(toy.n - 1))
         return [Example(f"toy:{i:0{digits}d}", s.caption, spec=s) for i, s in enumerate(specs)]
-    root = Path(data.root)
-    if not root.is_dir():
-        raise WorkbenchError(f"data.root: {root} is not a folder")
-    images = sorted(
-        p
-        for p in root.rglob("*")
-        if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() and not _hidden(p, root)
-    )
-    if not images:
-        raise WorkbenchError(f"data.root: no images ({', '.join(IMAGE_SUFFIXES)}) under {root}")
-    return [Example(p.relative_to(root).as_posix(), caption_for(p), path=p) for p in images]
+    return read_data(data).examples
 
 
-def _hidden(path: Path, root: Path) -> bool:
-    return any(part.startswith(".") for part in path.relative_to(root).parts)
+def with_repeats(examples: list[Example], seed: int) -> list[Example]:
+    """The training examples of one epoch: each `floor(repeats)` times, plus one more for as many
+    examples with a fractional part as fill the epoch to floor(sum of repeats), picked as
+    EveryDream2 does (in order, each with its fractional part as the chance, until filled) by a
+    generator seeded by `seed`. wb picks once per run, so every epoch holds the same examples
+    (ED2 picks again each epoch). Copies stay next to each other; the samplers shuffle."""
+    if all(e.repeats == 1 for e in examples):
+        return list(examples)
+    counts = [math.floor(e.repeats) for e in examples]
+    left = math.floor(sum(e.repeats for e in examples) + 1e-9) - sum(counts)
+    fractions = [e.repeats - c for e, c in zip(examples, counts, strict=True)]
+    rng = random.Random(f"wb-multiply:{seed}")
+    while left > 0 and any(f > 1e-9 for f in fractions):
+        for i, f in enumerate(fractions):
+            if f > 1e-9 and rng.random() < f:
+                counts[i] += 1
+                fractions[i] = 0.0
+                left -= 1
+                if left == 0:
+                    break
+    return [e for e, c in zip(examples, counts, strict=True) for _ in range(c)]
 
 
 def split_examples(
@@ -108,23 +151,33 @@ def stable_subset(train: list[Example], proportion: float, seed: int) -> list[Ex
 
 
 def write_split(path: Path, train: list[Example], validation: list[Example], stable: list[Example]) -> None:
+    """split.json: the keys of each split (distinct images); `repeats` lists the training examples
+    that repeat (key: times per epoch) when any does."""
     record = {
-        "train": [e.key for e in train],
+        "train": list(dict.fromkeys(e.key for e in train)),
         "validation": [e.key for e in validation],
         "stabilize_train": [e.key for e in stable],
     }
+    counts: dict[str, int] = {}
+    for e in train:
+        counts[e.key] = counts.get(e.key, 0) + 1
+    if any(n != 1 for n in counts.values()):
+        record["repeats"] = counts
     path.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
 
 
 def fingerprint(examples: list[Example]) -> dict:
     """What identifies the data: count, and a sha256 over every key, caption and image content.
 
-    Two runs with the same fingerprint saw the same images with the same captions (content, not
-    file dates). Hashing reads every image once at the start of a run.
+    Two runs with the same fingerprint saw the same images with the same captions and repeats
+    (content, not file dates). Hashing reads every image once at the start of a run.
     """
     h = hashlib.sha256()
     for e in examples:
         h.update(e.key.encode() + b"\0" + e.caption.encode() + b"\0")
+        options = {k: getattr(e, k) for k in ("repeats", "flip_p", "cond_dropout", "shuffle")}
+        if options != {"repeats": 1.0, "flip_p": None, "cond_dropout": None, "shuffle": False}:
+            h.update(repr(sorted(options.items())).encode() + b"\0")
         if e.path is not None:
             with open(e.path, "rb") as f:
                 for block in iter(lambda: f.read(1 << 20), b""):
@@ -184,9 +237,10 @@ class CaptionedImages(torch.utils.data.Dataset):
                 nearest_bucket(*upright_size(e.path), buckets) if e.path is not None else self.sizes[i]
                 for i, e in enumerate(examples)
             ]
-        self.flip_p = data.flip_p if augment else 0.0
-        self.cond_dropout = data.cond_dropout if augment else 0.0
-        self.shuffle_tags = data.shuffle_tags and augment
+        self.augment = augment
+        self.flip_p, self.cond_dropout = data.flip_p, data.cond_dropout
+        self.shuffle_tags, self.shuffle_caption = data.shuffle_tags, data.shuffle_caption
+        self.keep_tokens, self.tag_dropout = data.keep_tokens, data.caption_tag_dropout_rate
         self.seed = seed
         self.epoch = 0
 
@@ -207,16 +261,29 @@ class CaptionedImages(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict:
         example = self.examples[index]
-        array = np.ascontiguousarray(self.image(index))
+        try:
+            array = np.ascontiguousarray(self.image(index))
+        except WorkbenchError as e:
+            # Checked readable at the start, broken now (or its decoding fails past the header):
+            # train on the next example of the same size instead of stopping the run.
+            substitute = self._substitute(index)
+            warnings.warn(f"{e}; training on {self.examples[substitute].key} in its place", stacklevel=2)
+            example, array = self.examples[substitute], np.ascontiguousarray(self.image(substitute))
         pixels = torch.from_numpy(array).permute(2, 0, 1).float() / 127.5 - 1
         caption = example.caption
-        if self.flip_p or self.cond_dropout or self.shuffle_tags:
+        if not self.augment:
+            return {"pixels": pixels, "caption": caption}
+        flip_p = self.flip_p if example.flip_p is None else example.flip_p
+        cond_dropout = self.cond_dropout if example.cond_dropout is None else example.cond_dropout
+        shuffle = self.shuffle_caption or self.shuffle_tags or example.shuffle
+        # ED2's shuffle_tags keeps the first tag in place; kohya's shuffle_caption keeps keep_tokens
+        keep = self.keep_tokens if self.shuffle_caption else max(1, self.keep_tokens)
+        if flip_p or cond_dropout or shuffle or self.tag_dropout:
             rng = np.random.default_rng([self.seed, self.epoch, index])
-            if rng.random() < self.flip_p:
+            if rng.random() < flip_p:
                 pixels = pixels.flip(-1)
-            if self.shuffle_tags:
-                caption = _shuffle_tags(caption, rng)
-            if rng.random() < self.cond_dropout:
+            caption = process_tags(caption, rng, keep=keep, shuffle=shuffle, tag_dropout=self.tag_dropout)
+            if rng.random() < cond_dropout:
                 caption = ""
         return {"pixels": pixels, "caption": caption, "time_ids": self.time_ids(index)}
 
@@ -228,15 +295,37 @@ class CaptionedImages(torch.utils.data.Dataset):
         original = upright_size(example.path) if example.path is not None else target
         return time_ids(original, cover_crop(original, target), target)
 
+    def _substitute(self, index: int) -> int:
+        size = self.sizes[index]
+        for step in range(1, len(self.examples)):
+            other = (index + step) % len(self.examples)
+            if self.sizes[other] == size and self.examples[other].path != self.examples[index].path:
+                try:
+                    self.image(other)
+                    return other
+                except WorkbenchError:
+                    continue
+        raise WorkbenchError(
+            f"{self.examples[index].path}: cannot read the image, and no other image of its size can"
+        )
 
-def _shuffle_tags(caption: str, rng: np.random.Generator) -> str:
-    # The first tag (usually the subject or a trigger word) stays first, as in EveryDream2.
+
+def process_tags(
+    caption: str, rng: np.random.Generator, *, keep: int, shuffle: bool, tag_dropout: float
+) -> str:
+    """The caption's comma-separated tags after the first `keep` shuffled (`shuffle`) and each
+    dropped with chance `tag_dropout`, as kohya's shuffle_caption / keep_tokens /
+    caption_tag_dropout_rate do; the kept ones stay first, in place. Joined with ", ". A caption with
+    nothing to shuffle or drop comes back as it is."""
     tags = [t.strip() for t in caption.split(",")]
-    if len(tags) <= 2:
+    fixed, flex = tags[:keep], tags[keep:]
+    if not tag_dropout and (not shuffle or len(flex) < 2):
         return caption
-    rest = tags[1:]
-    rest = [rest[i] for i in rng.permutation(len(rest))]
-    return ", ".join([tags[0], *rest])
+    if shuffle and len(flex) > 1:
+        flex = [flex[i] for i in rng.permutation(len(flex))]
+    if tag_dropout:
+        flex = [t for t in flex if rng.random() >= tag_dropout]
+    return ", ".join(t for t in fixed + flex if t)
 
 
 class EpochSampler(torch.utils.data.Sampler):

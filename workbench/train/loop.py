@@ -42,9 +42,10 @@ from workbench.train.data import (
     EpochSampler,
     collate,
     fingerprint,
-    load_examples,
+    read_data,
     split_examples,
     stable_subset,
+    with_repeats,
     write_split,
 )
 from workbench.train.diffusion import Models, denoising_loss, encode_latents, tokenize_for
@@ -84,6 +85,7 @@ class TrainResult:
     seconds: float
     train_seconds: float  # time inside optimizer steps only (no evaluation, saving, sampling)
     resumed_from: int | None = None  # the step a `--resume` continued from
+    data_warnings: list[str] = field(default_factory=list)  # files skipped, data settings ignored
     ema_checkpoints: list[Path] = field(default_factory=list)  # with training.ema_decay
     state: Path | None = None  # RUNDIR/state/ when the run stopped resumable (Ctrl-C)
     steps_per_second: float = field(init=False)
@@ -123,6 +125,7 @@ def train(
 
     started = time.time()
     tr = recipe.training
+    data = read_data(recipe.data)  # first: no images is an error before any folder is made
     run_dir = Path(run_dir) if resume else new_run_dir(Path(run_dir), checkpoints)
     accelerator = make_accelerator(Accelerator, recipe)
     device, main = accelerator.device, accelerator.is_main_process
@@ -137,7 +140,7 @@ def train(
     check_resolution(recipe.data, spec.configs)
 
     # --- the data: a fixed validation split, written beside the run -----------------------------
-    examples = load_examples(recipe.data)
+    examples = data.examples
     val = recipe.validation
     if val.enabled:
         train_examples, val_examples = split_examples(examples, val.split, val.seed)
@@ -146,6 +149,9 @@ def train(
         )
     else:
         train_examples, val_examples, stable_examples = examples, [], []
+    distinct_train, train_examples = train_examples, with_repeats(train_examples, tr.seed)
+    if not train_examples:
+        raise WorkbenchError("data: every training image repeats 0 times (multiply.txt); nothing to train on")
     if main:
         write_split(run_dir / "split.json", train_examples, val_examples, stable_examples)
     train_set = CaptionedImages(train_examples, recipe.data, seed=tr.seed, augment=True)
@@ -214,7 +220,8 @@ def train(
         )
         if network is not None:
             record["network"] = network_record(network, recipe)
-        record["data"] = {"root": recipe.data.root, **fingerprint(examples), "train": len(train_examples),
+        record["data"] = {"root": recipe.data.root, **fingerprint(examples), "train": len(distinct_train),
+                          "train_per_epoch": len(train_examples), **data.record(),
                           "validation": len(val_examples), "stabilize_train": len(stable_examples),
                           "steps_per_epoch": steps_per_epoch, "total_steps": total_steps}  # fmt: skip
         if recipe.data.aspect_buckets:
@@ -357,6 +364,7 @@ def train(
         seconds=seconds,
         train_seconds=train_time,
         resumed_from=saved.progress.step if saved is not None else None,
+        data_warnings=data.warnings(),
         state=state.state_path if state.stopped == "interrupted" else None,
     )
 

@@ -668,8 +668,9 @@ MEANINGS = {
 
 
 def plot_finding(finding: Finding, width: int = 900, height: int = 540):
-    """Loss against lr: the raw losses as points, the smoothed curve as a line, bounds and
-    suggestions as labelled vertical lines."""
+    """Loss against lr, a matplotlib Figure: the raw losses as points, the smoothed curve (whatever
+    points `finding.smoothed` has, None left out) as a line, and each bound or suggestion that is not
+    None as a labelled vertical line (solid for the bounds, dashed for the rest)."""
     from workbench.plot import Marker, Series, line_chart
 
     log = finding.axis == "log"
@@ -728,7 +729,9 @@ def write_report(finding: Finding, out_dir: str | os.PathLike, extra: dict | Non
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"png": out / "lr_find.png", "json": out / "lr_find.json", "html": out / "index.html"}
-    plot_finding(finding).save(paths["png"])
+    from workbench.plot import save_png
+
+    save_png(plot_finding(finding), paths["png"])
     data = {**finding.to_json(), **(extra or {}), "written": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     paths["json"].write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
     paths["html"].write_text(report_html(finding, extra or {}), encoding="utf-8")

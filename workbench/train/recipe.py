@@ -82,6 +82,12 @@ class ToyDataSection(Section):
 
 class DataSection(Section):
     root: str = Field(description=f"folder of images with .txt/.caption sidecars, or {TOY_DATA}")
+    layout: Literal["auto", "folders", "kohya"] = Field(
+        "auto", description="kohya: N_name folders (repeats, class tokens); folders: ED2's; auto: guess"
+    )
+    caption_extension: str | None = Field(
+        None, description="the caption sidecar's extension (kohya's option); default .txt, else .caption"
+    )
     resolution: int = Field(512, ge=8, description="images are resized (shorter side) and center-cropped")
     aspect_buckets: bool = Field(False, description="train each image at its nearest aspect ratio")
     bucket_step: int = Field(64, ge=8, description="bucket sides are multiples of this")
@@ -90,11 +96,26 @@ class DataSection(Section):
     flip_p: float = Field(0.0, ge=0, le=1)
     cond_dropout: float = Field(0.0, ge=0, le=1, description="chance a caption is replaced by ''")
     shuffle_tags: bool = Field(False, description="shuffle comma-separated tags after the first")
+    shuffle_caption: bool = Field(False, description="kohya's: shuffle the tags after the first keep_tokens")
+    keep_tokens: int = Field(0, ge=0, description="this many leading tags stay in place (kohya's option)")
+    caption_tag_dropout_rate: float = Field(
+        0.0, ge=0, lt=1, description="chance each tag after keep_tokens is left out (kohya's option)"
+    )
     workers: int = Field(0, ge=0, description="DataLoader worker processes decoding images")
 
     @model_validator(mode="after")
     def _toy_only(self):
         _only_when(self, ("toy",), self.root == TOY_DATA, f"only used with root {TOY_DATA}")
+        _only_when(self, ("layout", "caption_extension"), self.root != TOY_DATA, "only for a folder root")
+        if self.shuffle_tags and self.shuffle_caption:
+            raise ValueError(
+                "shuffle_tags: ED2's name for shuffle_caption with the first tag kept; set one of them"
+            )
+        tagged = self.shuffle_tags or self.shuffle_caption or self.caption_tag_dropout_rate > 0
+        _only_when(self, ("keep_tokens",), tagged, "only used with shuffle_caption, shuffle_tags or "
+                   "caption_tag_dropout_rate")  # fmt: skip
+        if self.caption_extension is not None and not self.caption_extension.strip(". "):
+            raise ValueError("caption_extension: give an extension such as .txt or .caption")
         _only_when(self, ("bucket_step", "max_aspect"), self.aspect_buckets, "only used with aspect_buckets")
         if self.aspect_buckets and self.root == TOY_DATA:
             raise ValueError(f"aspect_buckets: {TOY_DATA} images are all square")

@@ -223,9 +223,17 @@ class MetricsLog:
 
 def write_loss_plot(run_dir: str | os.PathLike) -> Path | None:
     """loss.png: training loss (raw and smoothed), validation, stable-train and EMA validation loss
-    against the step.
+    against the step; None (and no file) when no loss was logged.
 
     Written at the end of every run from metrics.jsonl, so it always shows what was logged."""
+    from workbench.plot import save_png
+
+    figure = loss_figure(run_dir)
+    return None if figure is None else save_png(figure, Path(run_dir) / "loss.png")
+
+
+def loss_figure(run_dir: str | os.PathLike):
+    """The matplotlib Figure of loss.png (see write_loss_plot), or None without any loss."""
     from workbench.plot import Series, line_chart
 
     run_dir = Path(run_dir)
@@ -249,10 +257,5 @@ def write_loss_plot(run_dir: str | os.PathLike) -> Path | None:
     for name in ("loss/val", "loss/train_stable", "loss/val_ema"):
         if name in curves:
             steps, losses = zip(*curves[name], strict=True)
-            series.append(Series(steps, losses, name, points=True))
-    image = line_chart(series, title=f"{run_dir.name}: loss", x_label="step", y_label="loss")
-    out = run_dir / "loss.png"
-    tmp = out.with_name(".loss.png.tmp")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, out)
-    return out
+            series.append(Series(steps, losses, name, points=True, dashed=name != "loss/val"))
+    return line_chart(series, title=f"{run_dir.name}: loss", x_label="step", y_label="loss")
