@@ -260,19 +260,19 @@ class CaptionedImages(torch.utils.data.Dataset):
         return np.array(load_image(example.path, self.sizes[index]))  # a writable copy for torch
 
     def __getitem__(self, index: int) -> dict:
-        example = self.examples[index]
+        example, used = self.examples[index], index
         try:
             array = np.ascontiguousarray(self.image(index))
         except WorkbenchError as e:
             # Checked readable at the start, broken now (or its decoding fails past the header):
             # train on the next example of the same size instead of stopping the run.
-            substitute = self._substitute(index)
-            warnings.warn(f"{e}; training on {self.examples[substitute].key} in its place", stacklevel=2)
-            example, array = self.examples[substitute], np.ascontiguousarray(self.image(substitute))
+            used = self._substitute(index)
+            warnings.warn(f"{e}; training on {self.examples[used].key} in its place", stacklevel=2)
+            example, array = self.examples[used], np.ascontiguousarray(self.image(used))
         pixels = torch.from_numpy(array).permute(2, 0, 1).float() / 127.5 - 1
         caption = example.caption
         if not self.augment:
-            return {"pixels": pixels, "caption": caption}
+            return {"pixels": pixels, "caption": caption, "time_ids": self.time_ids(used)}
         flip_p = self.flip_p if example.flip_p is None else example.flip_p
         cond_dropout = self.cond_dropout if example.cond_dropout is None else example.cond_dropout
         shuffle = self.shuffle_caption or self.shuffle_tags or example.shuffle
@@ -285,7 +285,7 @@ class CaptionedImages(torch.utils.data.Dataset):
             caption = process_tags(caption, rng, keep=keep, shuffle=shuffle, tag_dropout=self.tag_dropout)
             if rng.random() < cond_dropout:
                 caption = ""
-        return {"pixels": pixels, "caption": caption, "time_ids": self.time_ids(index)}
+        return {"pixels": pixels, "caption": caption, "time_ids": self.time_ids(used)}
 
     def time_ids(self, index: int) -> torch.Tensor:
         """SDXL's size conditions of an example: its original size, the crop and its target size."""
