@@ -1,6 +1,7 @@
 """Benchmark `wb merge` on three SD1.5-size fp16 checkpoints against the floor and its peers.
 
-    python bench/merge_bench.py [--dir DIR] [--reps 3] [--mecha-python /work/bench-venv/bin/python]
+    python bench/merge_bench.py [--dir DIR] [--reps 3] [--cache warm|cold]
+                                [--mecha-python /work/bench-venv/bin/python]
 
 In one run, for a weighted sum (alpha 0.5) and an add-difference (alpha 1.0), each tool runs in its own
 subprocess (so peak memory is its own) and its output is checked against the float32 reference:
@@ -217,6 +218,16 @@ def ensure_inputs(folder: Path) -> list[Path]:
     return paths
 
 
+def drop_from_cache(paths: list[Path]) -> None:
+    """Evict the files' clean pages from the page cache (no root needed; dirty pages were synced)."""
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
 def _fmt(values: list[float]) -> str:
     return f"{statistics.median(values):6.2f} ({min(values):5.2f})"
 
@@ -229,6 +240,12 @@ def main() -> None:
     ap.add_argument("--mecha-python", default="/work/bench-venv/bin/python")
     ap.add_argument("--tools", default="floor,wb,naive,sd-mecha")
     ap.add_argument("--methods", default="weighted,add-diff")
+    ap.add_argument(
+        "--cache", choices=("warm", "cold"), default="warm",
+        help="warm: inputs read once before timing and kept in the page cache (the usual case right "
+        "after a download or a previous merge); cold: each input dropped from the page cache before "
+        "every run (posix_fadvise DONTNEED), so every tool reads from the disk",
+    )  # fmt: skip
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -258,10 +275,11 @@ def main() -> None:
                 "venv: python -m venv /work/bench-venv && /work/bench-venv/bin/pip install sd-mecha==1.1.*)"
             )
             tools.remove("sd-mecha")
-    for p in inputs:  # warm the page cache: the targets are for warm-cache runs
-        with open(p, "rb", buffering=0) as f:
-            while f.read(64 << 20):
-                pass
+    if args.cache == "warm":
+        for p in inputs:  # warm the page cache: the inputs stay cached between runs (24 GiB of RAM)
+            with open(p, "rb", buffering=0) as f:
+                while f.read(64 << 20):
+                    pass
 
     results: dict[tuple[str, str], list[dict]] = {}
     checks: dict[tuple[str, str], dict] = {}
@@ -275,6 +293,8 @@ def main() -> None:
                 python = args.mecha_python if tool == "sd-mecha" else sys.executable
                 os.sync()
                 time.sleep(1.0)  # let writeback of the previous output finish before timing the next
+                if args.cache == "cold":
+                    drop_from_cache(ins)
                 r = measure(python, tool, method, ins, out)
                 results.setdefault((method, tool), []).append(r)
                 print(

@@ -135,6 +135,15 @@ def test_refusals_from_headers(toy, tmp_path):
         WorkbenchError, match=r"2 of 2 modules match nothing in .*base.safetensors \(lora_unet_down_blocks_7"
     ):
         bake(base, [LoraSpec(str(tmp_path / "none.safetensors"))], tmp_path / "o.safetensors")
+    # a NaN in a factor: refused naming the module, nothing written
+    nan = {k: v.clone() for k, v in sd.items() if "down_blocks_1_attentions_0_proj" in k}
+    nan["lora_unet_down_blocks_1_attentions_0_proj_out.lora_up.weight"][0, 0] = float("nan")
+    save_file(nan, tmp_path / "nan.safetensors")
+    with pytest.raises(
+        WorkbenchError,
+        match=r"module lora_unet_down_blocks_1_attentions_0_proj_out: .*lora_up.weight is not finite",
+    ):
+        bake(base, [LoraSpec(str(tmp_path / "nan.safetensors"))], tmp_path / "o.safetensors")
     assert not (tmp_path / "o.safetensors").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".o.safetensors")]
 
@@ -152,3 +161,88 @@ def test_fp16_lost_changes_counted(toy):
     assert 0 < lost <= touched
     full = bake(base, [LoraSpec(str(lora), 1.0)], d / "full16.safetensors", dtype="fp16")
     assert full.lost["l"][0] < lost
+
+
+def _fused(pipe, lora, scale, components):
+    pipe.load_lora_weights(str(lora), adapter_name="t")
+    wrapped = sum(hasattr(m, "lora_A") for c in components for m in getattr(pipe, c).modules())
+    pipe.fuse_lora(lora_scale=scale)
+    pipe.unload_lora_weights()
+    return wrapped
+
+
+def test_sdxl_names_and_bake_match_diffusers(tmp_path):
+    """LORA.md 5.4: an SDXL LoRA written with kohya's names (LDM UNet paths, te1/te2) loads in diffusers'
+    SDXL loader and fuses onto exactly the modules wb's bake changes (3x3 convs, op, upsamplers)."""
+    pytest.importorskip("peft")
+    from workbench.pipeline import build_pipeline
+
+    base = tiny_checkpoint(tmp_path / "xl.safetensors", "sdxl")
+    lora = synthetic_lora(tmp_path / "xl_lora.safetensors", base, rank=2, alpha=1.0)
+    n_modules = len([k for k in load_file(lora) if k.endswith(".alpha")])
+    baked = bake(base, [LoraSpec(str(lora), M)], tmp_path / "baked.safetensors", dtype="fp32")
+    comps = ("unet", "text_encoder", "text_encoder_2")
+    pipe = build_pipeline(base)
+    assert _fused(pipe, lora, M, comps) == n_modules == 132 + 45 + 30 + 30
+    ours = build_pipeline(baked.path)
+    for comp in comps:
+        theirs_sd, ours_sd = getattr(pipe, comp).state_dict(), getattr(ours, comp).state_dict()
+        worst = max(float((theirs_sd[k] - ours_sd[k]).abs().max()) for k in ours_sd)
+        assert worst < 1e-6, comp
+
+
+def test_diffusers_peft_file_bakes_like_kohya(toy, tmp_path):
+    """The same adapter saved by diffusers in its PEFT format (lora_A/lora_B, alpha in the adapter
+    metadata) bakes to the same weights as the kohya file."""
+    pytest.importorskip("peft")
+    from diffusers import StableDiffusionPipeline
+    from peft import get_peft_model_state_dict
+
+    from workbench.pipeline import build_pipeline
+
+    d, base, lora = toy
+    pipe = build_pipeline(base)
+    pipe.load_lora_weights(str(lora), adapter_name="t")
+    unet_cfg = pipe.unet.peft_config["t"].to_dict()
+    te_cfg = pipe.text_encoder.peft_config["t"].to_dict()
+    StableDiffusionPipeline.save_lora_weights(
+        tmp_path, unet_lora_layers=get_peft_model_state_dict(pipe.unet, adapter_name="t"),
+        text_encoder_lora_layers=get_peft_model_state_dict(pipe.text_encoder, adapter_name="t"),
+        unet_lora_adapter_metadata=unet_cfg, text_encoder_lora_adapter_metadata=te_cfg,
+    )  # fmt: skip
+    peft_file = tmp_path / "pytorch_lora_weights.safetensors"
+    assert any(".lora_A." in k for k in load_file(peft_file))
+    a = bake(base, [LoraSpec(str(lora), M)], tmp_path / "a.safetensors", dtype="fp32")
+    b = bake(base, [LoraSpec(str(peft_file), M)], tmp_path / "b.safetensors", dtype="fp32")
+    assert a.keys_changed == b.keys_changed == 147
+    wa, wb_ = load_file(a.path), load_file(b.path)
+    assert max(float((wa[k] - wb_[k]).abs().max()) for k in wa if wa[k].is_floating_point()) < 1e-6
+
+
+def test_loha_and_lokr_bake_by_hand(toy, tmp_path):
+    d, base, _ = toy
+    g = torch.Generator().manual_seed(9)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g)
+
+    n1 = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_ff_net_2"  # Linear [64, 256]
+    n2 = "lora_te_text_model_encoder_layers_3_self_attn_out_proj"  # Linear [32, 32]
+    sd = {
+        f"{n1}.hada_w1_a": rnd(64, 2), f"{n1}.hada_w1_b": rnd(2, 256),
+        f"{n1}.hada_w2_a": rnd(64, 2), f"{n1}.hada_w2_b": rnd(2, 256),
+        f"{n1}.alpha": torch.tensor(1.0),
+        f"{n2}.lokr_w1": rnd(4, 4), f"{n2}.lokr_w2_a": rnd(8, 1),
+        f"{n2}.lokr_w2_b": rnd(1, 8), f"{n2}.alpha": torch.tensor(0.5),
+    }  # fmt: skip
+    save_file(sd, tmp_path / "lyco.safetensors")
+    out = bake(
+        base, [LoraSpec(str(tmp_path / "lyco.safetensors"), 0.5)], tmp_path / "o.safetensors", dtype="fp32"
+    )
+    w, b = load_file(base), load_file(out.path)
+    key = U + "input_blocks.4.1.transformer_blocks.0.ff.net.2.weight"
+    loha = (sd[f"{n1}.hada_w1_a"] @ sd[f"{n1}.hada_w1_b"]) * (sd[f"{n1}.hada_w2_a"] @ sd[f"{n1}.hada_w2_b"])
+    torch.testing.assert_close(b[key], w[key] + 0.5 * 0.5 * loha, rtol=1e-6, atol=1e-6)
+    key = "cond_stage_model.transformer.text_model.encoder.layers.3.self_attn.out_proj.weight"
+    lokr = torch.kron(sd[f"{n2}.lokr_w1"], sd[f"{n2}.lokr_w2_a"] @ sd[f"{n2}.lokr_w2_b"]) * (0.5 / 1)
+    torch.testing.assert_close(b[key], w[key] + 0.5 * lokr, rtol=1e-6, atol=1e-6)

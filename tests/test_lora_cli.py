@@ -207,6 +207,12 @@ def test_cli_refusals(planted, tmp_path):
     assert not (tmp_path / "o.safetensors").exists()
     line = one_error_line(["lora", "extract", sdxl, base, "--rank", 4, "-o", tmp_path / "o.safetensors"])
     assert "is sdxl" in line and "is sd1" in line
+    from safetensors.torch import save_file
+
+    stray = {k: v for k, v in load_file(lora).items() if "mid_block_attentions_0_proj_out" in k}
+    save_file({**stray, "lora_unet_mid_block.weight_extra": torch.zeros(2)}, tmp_path / "stray.safetensors")
+    line = one_error_line(["inspect", tmp_path / "stray.safetensors"])
+    assert "key 'lora_unet_mid_block.weight_extra' is not part of a kohya/LyCORIS LoRA module" in line
     line = one_error_line(["lora", "resize", lora, "-o", tmp_path / "o.safetensors"])
     assert "needs --rank R or --fro F" in line
     line = one_error_line(["lora", "bake", base, f"{lora}", "-o", lora])

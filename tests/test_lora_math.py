@@ -110,6 +110,11 @@ def test_randomized_svd_close_to_exact():
     e_exact = float((lm.lora_delta(exact.up, exact.down, exact.alpha) - delta).norm())
     e_rand = float((lm.lora_delta(rand.up, rand.down, rand.alpha) - delta).norm())
     assert e_exact <= e_rand <= 1.01 * e_exact
+    # the randomized truncation is a projection: its reported share is exact from its own values
+    total = float(delta.norm())
+    assert rand.kept == pytest.approx((1 - (e_rand / total) ** 2) ** 0.5, rel=1e-4)
+    assert exact.kept == pytest.approx((1 - (e_exact / total) ** 2) ** 0.5, rel=1e-4)
+    assert lm.use_randomized((256, 320), 16, "auto") and not lm.use_randomized((40, 320), 16, "auto")
 
 
 def test_pick_rank_fro_minimal_vs_kohya():

@@ -39,6 +39,8 @@ if TYPE_CHECKING:
     import torch
 
 KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
+# Key prefixes of single-file checkpoints (LDM layout): such a file is a model, not a LoRA.
+CHECKPOINT_PREFIXES = ("model.diffusion_model.", "cond_stage_model.", "conditioner.", "first_stage_model.")
 PEFT_PREFIXES = {"unet.": "lora_unet_", "text_encoder.": "lora_te_", "text_encoder_2.": "lora_te2_"}
 # kohya / LyCORIS tensor suffix -> role
 KOHYA_ROLES = {
@@ -172,11 +174,36 @@ class LoraFile:
             return float(t.reshape(-1)[0].item())
         return module.alpha_hint
 
+    def tensors(self, module: LoraModule) -> dict[str, torch.Tensor]:
+        """role -> tensor of a module (alpha excluded); refuses a non-finite one, naming it (the
+        factors are small to check, and a NaN in one spoils whole rows of the change)."""
+        import torch
+
+        t = {role: self.tensor(module, role) for role in module.keys if role != "alpha"}
+        for role, factor in t.items():
+            if factor.is_floating_point() and not bool(torch.isfinite(factor).all()):
+                raise WorkbenchError(f"{self.path}: module {module.name}: {module.keys[role]} is not finite")
+        return t
+
+    def factors(self, module: LoraModule) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """(up [out, r], down [r, in*kh*kw], scale alpha/r) in float32, for a plain LoRA module (no
+        Tucker mid): dW = scale * up @ down, flattened like the weight."""
+        import torch
+
+        from workbench.lora.math import scale_of
+
+        if module.kind != "lora" or "mid" in module.keys:
+            raise WorkbenchError(f"{self.path}: module {module.name} is {module.kind}, not a plain LoRA")
+        t = self.tensors(module)
+        up = t["up"].to(torch.float32).flatten(1)
+        down = t["down"].to(torch.float32).flatten(1)
+        return up, down, scale_of(self.alpha(module), module.rank)
+
     def delta(self, module: LoraModule, shape: tuple[int, ...] | None = None) -> torch.Tensor:
         """The module's weight change (alpha/rank included, no strength) in float32, shaped to `shape`."""
         from workbench.lora import math as lm
 
-        t = {role: self.tensor(module, role) for role in module.keys if role != "alpha"}
+        t = self.tensors(module)
         alpha = self.alpha(module)
         try:
             if module.kind == "lora":
@@ -234,8 +261,10 @@ def is_lora_file(path: str | os.PathLike) -> bool:
     keys = list(header.infos)
     if not keys:
         return False
-    if all(_KOHYA_KEY.fullmatch(k) for k in keys):
-        return True
+    if any(k.startswith(CHECKPOINT_PREFIXES) for k in keys):
+        return False  # a model (perhaps with a stray LoRA key): described as a checkpoint
+    if any(k.startswith(KOHYA_PREFIXES) for k in keys):
+        return True  # open_lora names any key that is not part of a module
     return all(_PEFT_KEY.fullmatch(k) or _PROCESSOR.fullmatch(k) for k in keys) and any(
         ("lora" in k) for k in keys
     )

@@ -50,39 +50,43 @@ class LoraBinding:
 
     def apply(self, key: str, weight: torch.Tensor, strength: float, out_dtype: str | None = None) -> None:
         """weight (float32, the LDM tensor of `key`, changed in place) += strength * dW of every
-        module landing on it. With a low-precision `out_dtype`, counts the entries whose change is
-        lost in the cast."""
+        module landing on it. With a low-precision `out_dtype`, counts the entries that a nonzero
+        change leaves equal once cast (the change is below what the dtype holds next to the weight).
+        Costs a few passes over the tensor, no more: this runs on a third of an SD1.5 UNet."""
         if strength == 0.0:
             return
         low = LOW_PRECISION.get(out_dtype or "")
         before = weight.to(low) if low is not None else None
-        changed = torch.zeros(weight.shape, dtype=torch.bool) if low is not None else None
-        for module, target in self.by_key[key]:
+        unchanged = weight.numel()  # entries no module changes: all, minus each delta's nonzeros
+        for module, target in self.by_key[key]:  # factors() / delta() refuse non-finite factors
+            part = weight[target.rows[0] : target.rows[1]] if target.rows is not None else weight
+            if module.kind == "lora" and "mid" not in module.keys and not target.transpose:
+                # fused: W += (strength * alpha / r) * up @ down, no delta tensor, one pass over W
+                up, down, scale = self.lora.factors(module)
+                part.view(part.shape[0], -1).addmm_(up, down, alpha=strength * scale)
+                if low is not None:
+                    unchanged -= _nonzero_product(up, down)
+                continue
             delta = self.lora.delta(module, target.shape)
-            if not torch.isfinite(delta).all():
-                raise WorkbenchError(f"{self.lora.path}: module {module.name} holds non-finite values")
-            if target.rows is not None:
-                lo, hi = target.rows
-                view = weight[lo:hi]
-                view.add_(delta, alpha=strength)
-                if changed is not None:
-                    changed[lo:hi] |= delta != 0
-            elif target.transpose:
+            if low is not None:
+                unchanged -= int(torch.count_nonzero(delta))
+            if target.transpose:
                 weight.add_(delta.T, alpha=strength)
-                if changed is not None:
-                    changed |= delta.T != 0
             else:
-                weight.add_(delta.reshape(weight.shape), alpha=strength)
-                if changed is not None:
-                    changed |= delta.reshape(weight.shape) != 0
-        if not torch.isfinite(weight).all():
-            raise WorkbenchError(f"{key}: baking {self.lora.path.name} gives non-finite values")
+                part.add_(delta.reshape(part.shape), alpha=strength)
         if low is not None:
-            lost = int((changed & (weight.to(low) == before)).sum())
-            n = int(changed.sum())
+            same = int(torch.count_nonzero(weight.to(low) == before))
             with self._lock:
-                self.lost += lost
-                self.touched += n
+                self.lost += max(0, same - unchanged)
+                self.touched += weight.numel() - unchanged
+
+
+def _nonzero_product(up: torch.Tensor, down: torch.Tensor) -> int:
+    """Entries of up @ down that are not zero: all but the rows of a zero row of up and the columns
+    of a zero column of down (exact but for sums that cancel to exactly 0, which have measure 0)."""
+    rows = int((up != 0).any(dim=1).sum())
+    cols = int((down != 0).any(dim=0).sum())
+    return rows * cols
 
 
 def bind_lora(

@@ -75,7 +75,9 @@ def bake_command(
         1.0, "--unet-strength", help="Multiplies every LoRA's UNet strength."
     ),
     dtype: str = typer.Option("fp16", "--dtype", help="Output dtype: fp16, bf16 or fp32 (math is float32)."),
-    threads: int = typer.Option(2, "--threads", min=1, help="Threads, as in wb merge."),
+    threads: int = typer.Option(
+        3, "--threads", min=1, help="Threads: N - 1 compute keys (the LoRA products) while one writes."
+    ),
 ) -> None:
     """Bake LoRAs into a checkpoint: W' = W + m * (alpha/rank) * up @ down per module, in float32,
     streamed key by key through the merge engine. The recipe is recorded: `wb merge replay` re-runs it."""
@@ -125,7 +127,10 @@ def extract_command(
         None, "--alpha", help="alpha of linear modules (default: the rank, scale 1)."
     ),
     svd: str = typer.Option(
-        "exact", "--svd", help="exact (torch.linalg.svd) or randomized (torch.svd_lowrank)."
+        "auto",
+        "--svd",
+        help="exact (torch.linalg.svd), randomized (torch.svd_lowrank, 4 power iterations) or auto: "
+        "randomized where both sides of a module are at least 2 * (rank + 10), else exact.",
     ),
     clamp: float | None = typer.Option(
         None,

@@ -75,7 +75,7 @@ def extract(
     components: Iterable[str] = ("unet", "te"),
     alpha: float | None = None,
     conv_alpha: float | None = None,
-    method: str = "exact",
+    method: str = "auto",
     clamp_quantile: float | None = None,
     min_diff: float = 0.0,
     dtype: str = "F16",

@@ -106,7 +106,7 @@ def bake(
     te_scale: float = 1.0,
     unet_scale: float = 1.0,
     dtype: str = "fp16",
-    threads: int = 2,
+    threads: int = 3,
     progress: Callable[[int, int], None] | None = None,
     command: str | None = None,
 ) -> BakeResult:

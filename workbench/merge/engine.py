@@ -449,6 +449,10 @@ class _ChunkReader:
         self._pread(raw, start)
         out.copy_(raw.view(info.torch_dtype))
 
+    def read_raw(self, key: str, dst: torch.Tensor) -> None:
+        """The key's stored bytes into `dst` (uint8, exactly its size); safetensors inputs only."""
+        self._pread(dst, self.offsets[key][0])
+
     def _pread(self, dst: torch.Tensor, offset: int) -> None:
         view = memoryview(dst.numpy()).cast("B")
         while len(view):
@@ -481,11 +485,11 @@ class _KeyEvaluator:
         """Chunk [lo, hi) of the node's value, flat (hi given), or the whole tensor shaped (hi None)."""
         i = self.step_index.get(node)
         if i is None:
-            if hi is None:
-                src = self.srcs[node][kp.key]
-                buf = scratch.take(src.numel()).view(src.shape)
-                buf.copy_(src)
-                return buf
+            if hi is None:  # the whole tensor, read (pread, not page faults) into a float32 buffer
+                info = self.srcs[node].infos[kp.key]
+                buf = scratch.take(info.numel)
+                self.readers[node].read(kp.key, 0, info.numel, buf, scratch)
+                return buf.view(info.shape)
             buf = scratch.take(hi - lo)
             self.readers[node].read(kp.key, lo, hi, buf, scratch)
             return buf
@@ -548,7 +552,14 @@ def _produce(
             return want.view(kp.out.shape), False
         return src, False
     if src.dtype == kp.out.torch_dtype:
-        return src, False  # written straight from the mapped input, no copy
+        reader = ev.readers[kp.source]
+        if reader.fd is not None and kp.out.nbytes:
+            # bytes as stored, pread into the output buffer: what plain file I/O costs, without a
+            # page fault per 4 KiB of the mapping (the bulk of a bake's keys are copies)
+            out = buf.view(kp.out)
+            reader.read_raw(kp.key, _flat(out).view(torch.uint8))
+            return out, True
+        return src, False  # written straight from the mapped input
     out = buf.view(kp.out)
     out.copy_(src)
     return out, True
@@ -601,7 +612,11 @@ _DONE = object()
 
 
 def _needs_buffer(kp: KeyPlan, ev: _KeyEvaluator) -> bool:
-    return kp.how == "merge" or (kp.how == "copy" and ev.srcs[kp.source].infos[kp.key].dtype != kp.out.dtype)
+    if kp.how == "merge":
+        return True
+    if kp.how != "copy":
+        return False
+    return ev.srcs[kp.source].infos[kp.key].dtype != kp.out.dtype or ev.readers[kp.source].fd is not None
 
 
 def _sequential(

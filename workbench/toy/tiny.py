@@ -62,6 +62,11 @@ def tiny_state_dict(family: str, seed: int = 0) -> dict[str, torch.Tensor]:
 
 
 def tiny_checkpoint(path: str | os.PathLike, family: str, seed: int = 0) -> Path:
+    """Write the tiny model; its metadata carries its configs, so `build_pipeline` can build it."""
     from workbench.checkpoint.safetensors_io import save_tensors
+    from workbench.toy.model import TOY_SCHEDULER, toy_metadata
 
-    return save_tensors(path, tiny_state_dict(family, seed), {"wb.architecture": "toy"})
+    configs = {**tiny_configs(family), "scheduler": dict(TOY_SCHEDULER)}
+    meta = toy_metadata(configs, f"workbench.toy.tiny {family} seed {seed}")
+    meta["modelspec.architecture"] = f"wb-toy/{family}-layout"
+    return save_tensors(path, tiny_state_dict(family, seed), meta)
