@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -91,10 +92,12 @@ def child_wb(base: Path, lora: Path, out: Path) -> None:
     bake(base, [LoraSpec(str(lora), STRENGTH)], out, dtype="fp16")  # default threads: 2 compute, 1 writes
 
 
-def child_extract(tuned: Path, base: Path, out: Path, method: str, rank: int, report: Path) -> None:
+def child_extract(
+    tuned: Path, base: Path, out: Path, method: str, rank: int, report: Path, components: str
+) -> None:
     from workbench.lora.extract import extract
 
-    res = extract(tuned, base, out, rank, method=method, dtype="F16")
+    res = extract(tuned, base, out, rank, components=components.split(","), method=method, dtype="F16")
     report.write_text(json.dumps({m.name: [m.norm, m.kept] for m in res.modules}))
 
 
@@ -114,13 +117,16 @@ def run_child(args: list[str]) -> None:
     for module in IMPORTS[tool]:
         importlib.import_module(module)
     t = time.perf_counter()
+    cpu = resource.getrusage(resource.RUSAGE_SELF)
     if tool == "extract":
-        tuned, base, out, method, rank, report = rest
-        child_extract(Path(tuned), Path(base), Path(out), method, int(rank), Path(report))
+        tuned, base, out, method, rank, report, components = rest
+        child_extract(Path(tuned), Path(base), Path(out), method, int(rank), Path(report), components)
     else:
         base, lora, out = map(Path, rest)
         {"floor": child_floor, "naive": child_naive, "wb": child_wb}[tool](base, lora, out)
-    print(json.dumps({"seconds": time.perf_counter() - t}))
+    done = resource.getrusage(resource.RUSAGE_SELF)
+    cpu_s = (done.ru_utime - cpu.ru_utime) + (done.ru_stime - cpu.ru_stime)
+    print(json.dumps({"seconds": time.perf_counter() - t, "cpu_seconds": cpu_s}))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -226,27 +232,28 @@ def bench_bake(base: Path, lora: Path, folder: Path, reps: int, cache: str = "wa
     floor = [x["seconds"] for x in rows["floor"]]
     rank = lora.stem.split("_r")[-1]
     print(f"\nbake ({cache} cache): SD1.5-size fp16 base, rank-{rank} LoRA at {STRENGTH}, fp16 output")
-    print(f"{'tool':8} {'seconds: median (min)':>24} {'x floor':>8} {'peak RssAnon MB':>16}")
+    print(f"{'tool':8} {'seconds: median (min)':>24} {'x floor':>8} {'cpu s':>7} {'peak RssAnon MB':>16}")
     for tool, runs in rows.items():
         secs = [x["seconds"] for x in runs]
         ratio = statistics.median(secs) / statistics.median(floor)
-        print(f"{tool:8} {fmt(secs):>24} {ratio:8.2f} {max(x['rss_anon_mb'] for x in runs):16.0f}")
+        cpu = statistics.median(x["cpu_seconds"] for x in runs)
+        print(f"{tool:8} {fmt(secs):>24} {ratio:8.2f} {cpu:7.1f} {max(x['rss_anon_mb'] for x in runs):16.0f}")
     per_round = [w["seconds"] / f["seconds"] for w, f in zip(rows["wb"], rows["floor"], strict=True)]
     print(f"wb / floor per round: {', '.join(f'{x:.2f}' for x in per_round)}")
     same, total, worst = compare(folder / "bake_wb.safetensors", folder / "bake_naive.safetensors")
     print(f"wb vs naive output: {same}/{total} tensors bit-identical, max |diff| {worst:.3g}")
 
 
-def bench_extract(pairs: dict[str, tuple[Path, Path]], folder: Path, rank: int) -> None:
-    print(f"\nextract at rank {rank}, UNet + TE (kohya's default modules), fp16 file")
-    print(f"{'difference':10} {'svd':6} {'seconds':>8} {'peak RssAnon MB':>16} {'fro kept':>9} "
+def bench_extract(pairs: dict[str, tuple[Path, Path]], folder: Path, rank: int, components: str) -> None:
+    print(f"\nextract at rank {rank}, components {components} (kohya's default modules), fp16 file")
+    print(f"{'difference':10} {'svd':6} {'seconds':>8} {'cpu s':>7} {'peak RssAnon MB':>16} {'fro kept':>9} "
           f"{'err/exact: max':>15} {'median':>7}")  # fmt: skip
     for label, (tuned, base) in pairs.items():
         reports = {}
         for method in ("exact", "auto"):
             report = folder / f"extract_{label}_{method}.json"
             res = measure(["extract", tuned, base, folder / f"extract_{label}_{method}.safetensors", method,
-                           rank, report])  # fmt: skip
+                           rank, report, components])  # fmt: skip
             reports[method] = json.loads(report.read_text())
             err = {k: n * max(0.0, 1 - kept**2) ** 0.5 for k, (n, kept) in reports[method].items()}
             energy = sum(n * n for n, _ in reports[method].values())
@@ -257,7 +264,8 @@ def bench_extract(pairs: dict[str, tuple[Path, Path]], folder: Path, rank: int) 
             else:
                 ratios = [err[k] / exact_err[k] for k in err if exact_err[k] > 0]
                 ratio_max, ratio_med = max(ratios), statistics.median(ratios)
-            print(f"{label:10} {method:6} {res['seconds']:8.1f} {res['rss_anon_mb']:16.0f} {kept:9.4f} "
+            secs, cpu, mem = res["seconds"], res["cpu_seconds"], res["rss_anon_mb"]
+            print(f"{label:10} {method:6} {secs:8.1f} {cpu:7.1f} {mem:16.0f} {kept:9.4f} "
                   f"{ratio_max:15.4f} {ratio_med:7.4f}", flush=True)  # fmt: skip
 
 
@@ -267,6 +275,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=2, help="runs of floor and wb (naive runs once)")
     ap.add_argument("--rank", type=int, default=64)
     ap.add_argument("--parts", default="bake,extract")
+    ap.add_argument("--components", default="unet,te", help="what extract takes: unet,te (all) or te")
     ap.add_argument(
         "--cache", default="warm", help="bake with inputs warm or cold in the page cache, or warm,cold"
     )
@@ -290,7 +299,7 @@ def main() -> None:
         baked = args.dir / "bake_wb.safetensors"
         if not baked.exists():
             measure(["wb", base, lora, baked])
-        bench_extract({"random": (other, base), "lora": (baked, base)}, args.dir, args.rank)
+        bench_extract({"random": (other, base), "lora": (baked, base)}, args.dir, args.rank, args.components)
 
 
 if __name__ == "__main__":
