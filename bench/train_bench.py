@@ -2,6 +2,8 @@
 
     python bench/train_bench.py [--steps 60] [--reps 3]          # CPU: the toy model, 32 px, batch 2
     python bench/train_bench.py --gpu [--steps 30]               # CUDA: SD1.5-size random weights
+    python bench/train_bench.py --scaleout [--steps 40]          # toy CPU: 1 vs 2 processes, cache on/off
+    python bench/train_bench.py --scaleout --gpu                 # CUDA, SD1.5 size: cache on vs off
 
 CPU mode runs, in one invocation, both loops on the same toy data (toy:shapes, 96 images), batch,
 optimizer (AdamW, UNet and text encoder each with its own) and seed, each in a fresh process
@@ -9,6 +11,12 @@ optimizer (AdamW, UNet and text encoder each with its own) and seed, each in a f
 Steps/s is measured from the end of the first `--warmup` steps to the last step, data loading
 included, validation and saving off (wb saves once at the end, after the clock stops).
 Target: wb's overhead under 10%.
+
+Scale-out mode runs `wb train` from the command line, each run a fresh process, alternating the
+variants `--reps` times: the toy with a global batch of 4 as 1 process (batch 4) and as
+`--processes 2` (batch 2 each), steps/s and the whole command's wall time; and 1 process with
+`data.cache_latents` off vs memory. On a 2-core machine 2 processes show the overhead (startup,
+gloo all-reduce of every gradient, two processes on two cores), not a speed-up.
 
 GPU mode trains an SD1.5-size model with random weights (bench/make_sd15.py) at 512 px, batch 4,
 gradient checkpointing and bf16 with adamw8bit, dadapt_adam and prodigy through wb, and reports
@@ -183,12 +191,79 @@ def spawn(
     return json.loads(lines[-1][len("RESULT ") :])
 
 
+def scaleout(args, tmp: Path, base: str) -> None:
+    """1 vs 2 processes and cache off vs memory, `wb train` from the command line (see the docstring)."""
+    import yaml
+
+    gpu = args.gpu
+    steps = args.steps
+
+    def recipe(batch: int, cache: str) -> Path:
+        raw = {
+            "model": {"base": base},
+            "data": {"root": "toy:shapes", "resolution": 512 if gpu else RESOLUTION,
+                     "toy": {"n": N_IMAGES}, "flip_p": 0.5, "cache_latents": cache},  # fmt: skip
+            "validation": {"enabled": False},
+            "optimizer": {"name": "adamw8bit" if gpu else "adamw", "lr": LR, "text_encoder": {"lr": TE_LR}},
+            "training": {"max_steps": steps, "batch_size": batch, "seed": SEED,
+                         "gradient_checkpointing": gpu, "device": "auto" if gpu else "cpu"},  # fmt: skip
+            "saving": {"every_n_epochs": None},
+            "logging": {"tensorboard": False, "every_n_steps": 1},
+        }
+        path = tmp / f"b{batch}-{cache}.yaml"
+        path.write_text(yaml.safe_dump(raw), encoding="utf-8")
+        return path
+
+    from workbench.train.runs import read_metrics
+
+    def run(name: str, path: Path, processes: int, rep: int) -> dict:
+        out = tmp / f"{name}-{rep}"
+        cmd = [sys.executable, "-m", "workbench.cli", "train", str(path), "-o", str(out)]
+        cmd += ["--processes", str(processes)] if processes > 1 else []
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+        started = time.time()
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        wall = time.time() - started
+        if done.returncode != 0:
+            sys.exit(f"{name} failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
+        times = [m["time"] for m in read_metrics(out) if "loss/train" in m]
+        return {"steps_per_s": rate(times, args.warmup), "wall_s": wall}
+
+    batch = 4 if gpu else 2
+    variants = {
+        "cache off": (recipe(batch, "off"), 1),
+        "cache memory": (recipe(batch, "memory"), 1),
+    }
+    if not gpu:
+        variants = {"1 process, batch 4": (recipe(4, "off"), 1),
+                    "2 processes, batch 2 each": (recipe(2, "off"), 2), **variants}  # fmt: skip
+    results: dict[str, list[dict]] = {name: [] for name in variants}
+    for rep in range(args.reps):
+        names = list(variants) if rep % 2 == 0 else list(reversed(variants))
+        for name in names:
+            path, processes = variants[name]
+            results[name].append(run(name.replace(" ", "_").replace(",", ""), path, processes, rep))
+    for name, rows in results.items():
+        speed = statistics.median(r["steps_per_s"] for r in rows)
+        wall = statistics.median(r["wall_s"] for r in rows)
+        each = ", ".join(f"{r['steps_per_s']:.2f}" for r in rows)
+        print(f"{name:28s} {speed:6.2f} steps/s (median of {each})  command {wall:5.1f} s")
+    med = {name: statistics.median(r["steps_per_s"] for r in rows) for name, rows in results.items()}
+    if not gpu:
+        ratio = med["2 processes, batch 2 each"] / med["1 process, batch 4"]
+        print(f"2 processes / 1 process: {ratio:.2f}x steps/s at the same global batch")
+    print(f"cache memory / off: {med['cache memory'] / med['cache off']:.2f}x steps/s")
+    size = "512 px SD1.5-size" if gpu else f"{RESOLUTION} px toy"
+    print(f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}, {steps} steps, {size}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--gpu", action="store_true")
+    ap.add_argument("--scaleout", action="store_true", help="1 vs 2 processes; latent cache on vs off")
     ap.add_argument("--optimizers", default="adamw8bit,dadapt_adam,prodigy")
     ap.add_argument("--child", choices=["wb", "hand"])
     ap.add_argument("--base")
@@ -201,6 +276,17 @@ def main() -> None:
         return child(args)
     with tempfile.TemporaryDirectory(prefix="wb-train-bench-") as tmp:
         tmp = Path(tmp)
+        if args.scaleout:
+            if args.gpu:
+                sys.path.insert(0, str(Path(__file__).parent))
+                from make_sd15 import write_sd15
+
+                base = str(write_sd15(tmp / "sd15.safetensors"))
+            else:
+                from workbench.toy.model import toy_init
+
+                base = str(toy_init(tmp / "base.safetensors", seed=0))
+            return scaleout(args, tmp, base)
         if args.gpu:
             sys.path.insert(0, str(Path(__file__).parent))
             from make_sd15 import write_sd15

@@ -285,7 +285,11 @@ def demo(
     out.print(table)
     lr = result.lr_find
     fmt = lambda v: "-" if v is None else f"{v:.3g}"  # noqa: E731
-    out.print(f"lr-find: lower {fmt(lr['lower'])}, upper {fmt(lr['upper'])}, midpoint {fmt(lr['midpoint'])}")
+    if lr.get("midpoint") is not None:
+        bounds = f"lower {fmt(lr['lower'])}, upper {fmt(lr['upper'])}"
+        out.print(f"lr-find: {bounds}, midpoint {fmt(lr['midpoint'])}")
+    else:
+        out.print(f"lr-find: {lr.get('message')}", highlight=False)
     for sentence in result.verdicts:
         out.print(f"swap matrix: [bold]{sentence}[/]", highlight=False)
     out.print(f"open [bold]{result.index_html}[/] (grid: {result.grid})", highlight=False)

@@ -201,8 +201,11 @@ def run_demo(out_dir: str | os.PathLike, quick: bool = False, log: Log | None = 
     ramp_data["data"] = {"root": "toy:shapes", "resolution": size, "toy": {"n": 96, "seed": 0}}
     ramp_data["validation"]["stabilize_train"] = False  # the range test reads loss/val only
     ramp = parse_recipe(ramp_data, "wb demo (the toy recipe)")
-    test = lf.RangeTest(lr_min=0.0, lr_max=1e-2, steps=settings.lr_find_steps,
-                        val_every=max(settings.lr_find_steps // 8, 1))  # fmt: skip
+    # A log ramp over six decades: the toy from scratch already learns at 1e-4 and still learns
+    # faster at 1e-2 (a linear ramp to 1e-2 never sees the upper bound), and diverges before 1, so
+    # both bounds are in this range.
+    test = lf.RangeTest(lr_min=1e-6, lr_max=1.0, steps=settings.lr_find_steps, log=True,
+                        val_every=max(settings.lr_find_steps // 20, 1))  # fmt: skip
     _, finding = lf.run_range_test(ramp, test, out / "lr_find", source={"made_by": "wb demo"})
     lf.write_report(finding, out / "lr_find", {"recipe": "the toy recipe (a fresh toy model on toy:shapes)"})
     lap("lr-find", t0)

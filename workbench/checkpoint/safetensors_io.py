@@ -13,6 +13,7 @@ import mmap
 import os
 import struct
 import tempfile
+import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import cache
@@ -228,6 +229,9 @@ class SafetensorsWriter:
         self._prefix = struct.pack("<Q", len(raw)) + raw
         self.total_bytes = len(self._prefix) + pos
         self._written: set[str] = set()
+        self._filled: dict[str, int] = {}  # bytes written so far of keys written in parts
+        self._lock = threading.Lock()
+        self._copy_range = hasattr(os, "copy_file_range")
         self._fd: int | None = None
         self._tmp: Path | None = None
 
@@ -265,6 +269,63 @@ class SafetensorsWriter:
             )
         self._pwrite(_tensor_bytes(tensor), len(self._prefix) + self._offsets[key])
         self._written.add(key)
+
+    def write_part(self, key: str, start: int, part: torch.Tensor) -> None:
+        """Write `part` (the planned dtype, any shape) as elements [start, start + numel) of `key`.
+
+        Any thread may write any part at any time; the key counts as written once all its bytes
+        have been. A merge streams each cache-sized chunk out the moment it is computed, while it
+        is still in the CPU cache, instead of assembling whole tensors first."""
+        want = self.plan.get(key)
+        if want is None:
+            raise KeyError(f"{key!r} is not in this file's plan")
+        got = info_of(part)
+        if got.dtype != want.dtype or start < 0 or start + got.numel > want.numel:
+            raise ValueError(
+                f"{key!r}: planned {want.dtype}{list(want.shape)}, got {got.numel} {got.dtype} at {start}"
+            )
+        size = ITEMSIZE[want.dtype]
+        self._pwrite(_tensor_bytes(part), len(self._prefix) + self._offsets[key] + start * size)
+        self._count(key, got.numel * size)
+
+    def copy_from(self, key: str, fd: int, offset: int, info: TensorInfo) -> None:
+        """Write `key` from the bytes of an open file (`info` says what they hold) at `offset`.
+
+        The kernel copies page cache to page cache (copy_file_range): no user-space buffer, no
+        page fault, half the copying of a read and a write; plain pread/pwrite where the two
+        files' filesystems do not allow it."""
+        want = self.plan.get(key)
+        if want is None:
+            raise KeyError(f"{key!r} is not in this file's plan")
+        if info != want:
+            raise ValueError(
+                f"{key!r}: planned {want.dtype}{list(want.shape)}, got {info.dtype}{list(info.shape)}"
+            )
+        assert self._fd is not None, "use the writer as a context manager"
+        dst, left = len(self._prefix) + self._offsets[key], want.nbytes
+        while left and self._copy_range:
+            try:
+                n = os.copy_file_range(fd, self._fd, left, offset, dst)
+            except OSError:
+                self._copy_range = False  # e.g. EXDEV across filesystems: plain copies from now on
+                break
+            if n <= 0:
+                raise WorkbenchError(f"{self.path}: input file shrank while copying {key!r}")
+            offset, dst, left = offset + n, dst + n, left - n
+        while left:
+            chunk = os.pread(fd, min(left, 8 << 20), offset)
+            if not chunk:
+                raise WorkbenchError(f"{self.path}: input file shrank while copying {key!r}")
+            self._pwrite(memoryview(chunk), dst)
+            offset, dst, left = offset + len(chunk), dst + len(chunk), left - len(chunk)
+        self._count(key, want.nbytes)
+
+    def _count(self, key: str, nbytes: int) -> None:
+        with self._lock:
+            done = self._filled.get(key, 0) + nbytes
+            self._filled[key] = done
+            if done >= self.plan[key].nbytes:
+                self._written.add(key)
 
     def _discard(self) -> None:
         if self._fd is not None:

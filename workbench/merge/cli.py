@@ -96,7 +96,7 @@ def _discard_opt():
 
 def _threads_opt():
     return typer.Option(
-        2, "--threads", min=1, help="Threads: N - 1 compute keys while one writes the output (1: in turn)."
+        2, "--threads", min=1, help="Threads: N workers each read, compute and write keys (1: in turn)."
     )
 
 

@@ -5,6 +5,7 @@ and samples. `RunState` keeps that bookkeeping (and what a resume restores) out 
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import time
 from collections.abc import Callable
@@ -52,6 +53,7 @@ class RunState:
         self.progress, self.total_steps = progress, total_steps
         self.name = recipe.saving.name or run_dir.resolve().name
         self.checkpoints: list[Path] = []
+        self.steps_per_epoch: int | None = None  # set by the loop (fractional every_n_epochs)
         self.ema_checkpoints: list[Path] = []
         self.ema: EMA | None = None
         self.param_names: dict[str, list[str]] = {}
@@ -104,6 +106,10 @@ class RunState:
         self._report(step, epoch, loss=loss)
         r = self.recipe
         if r.validation.enabled and r.validation.every_n_steps and step % r.validation.every_n_steps == 0:
+            self.evaluate(step, epoch)
+        elif r.validation.enabled and step_in_epoch_due(
+            r.validation.every_n_epochs, step, self.steps_per_epoch
+        ):
             self.evaluate(step, epoch)
         s = r.saving
         minutes = s.every_n_minutes and time.time() - self.last_save_time >= 60 * s.every_n_minutes
@@ -325,6 +331,16 @@ class RunState:
             self.models, self.spec, sp, sp.size or self.recipe.data.resolution, self.run_dir / "samples", step
         )
         self.log.event(step, "samples", paths=[str(p) for p in paths])
+
+
+def step_in_epoch_due(every_n_epochs: float | None, step: int, steps_per_epoch: int | None) -> bool:
+    """every_n_epochs under 1 (0.5: twice an epoch): EveryDream2 evaluates after batches
+    ceil((i + 1) x L / d) of each epoch of L, i = 0..d-1, d = round(1 / every_n_epochs)."""
+    if not every_n_epochs or every_n_epochs >= 1 or not steps_per_epoch:
+        return False
+    d = max(1, min(steps_per_epoch, round(1 / every_n_epochs)))
+    at = {math.ceil((i + 1) * steps_per_epoch / d) for i in range(d)}
+    return (step - 1) % steps_per_epoch + 1 in at
 
 
 def _sha256(text: str) -> str:

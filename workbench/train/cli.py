@@ -9,7 +9,9 @@ Nothing heavy is imported at module level: `wb --help` stays instant.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import os
 import time
 from pathlib import Path
 
@@ -50,10 +52,12 @@ def _print_import_notes(imported, written: Path | None = None) -> None:
     that have no effect in wb (listed in full at the top of the written recipe)."""
     if imported is None:
         return
+    for component, text in getattr(imported, "schedules", {}).items():
+        err.print(f"{component}: {text}", highlight=False, soft_wrap=True)
     if imported.unsupported:
         listed = ", ".join(imported.unsupported)
         err.print(
-            f"[yellow]warning:[/] not imported (wb has no equivalent yet): {listed}",
+            f"[yellow]warning:[/] trained differently from EveryDream2 (wb cannot do it): {listed}",
             highlight=False,
             soft_wrap=True,
         )
@@ -73,12 +77,16 @@ def train(
     resume: Path = typer.Option(
         None, "--resume", metavar="RUNDIR", help="Continue an interrupted run from its state/ folder."
     ),
+    processes: int = typer.Option(
+        1, "--processes", min=1, help="Train in N processes (GPUs, or CPU processes) through accelerate."
+    ),
 ) -> None:
     """Fine-tune a Stable Diffusion checkpoint as a recipe says, into a new run folder.
 
     The folder gets run.json (resolved recipe, versions, device, data fingerprint), split.json,
     metrics.jsonl, TensorBoard events and checkpoints/NAME-epNN-gsNNNNN.safetensors. Ctrl-C saves
     a checkpoint and a resumable state; `wb train --resume RUNDIR` continues exactly from there.
+    `--processes N` trains N x batch_size examples per step, each process its share (docs/train.md).
     """
     from workbench.train.loop import resume_training
     from workbench.train.loop import train as run_training
@@ -90,7 +98,7 @@ def train(
                 "--resume: continues the run with the recipe its run.json records; "
                 "give no recipe, --ed2, --set or -o with it"
             )
-        result = _with_progress(lambda update: resume_training(resume, progress=update))
+        result = _run(resume_training, (resume,), processes, _recorded_recipe(resume))
         _print_result(result)
         return
     r, source, imported = _load(recipe, ed2, overrides)
@@ -104,11 +112,45 @@ def train(
     if output is None:
         stem = (recipe or ed2).stem
         output = Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-    result = _with_progress(lambda update: run_training(r, output, progress=update, source=source))
+    result = _run(functools.partial(run_training, source=source), (r, output), processes, r)
     _print_result(result)
 
 
-def _with_progress(run):
+def _run(fn, args: tuple, processes: int, recipe):
+    """fn(*args, progress=...) here, or in `processes` processes (distributed.launch); under a
+    launcher (`accelerate launch`, torchrun) only the main process shows progress and results."""
+    from workbench.train.distributed import is_worker, launch
+
+    if os.environ.get("WORLD_SIZE", "1") != "1":
+        if processes != 1:
+            raise WorkbenchError("--processes: already started by a launcher (accelerate launch, torchrun)")
+        if is_worker():
+            return fn(*args)
+    if processes == 1:
+        return _with_progress(lambda update: fn(*args, progress=update))
+    import torch
+
+    cpu = recipe is None or recipe.training.device == "cpu" or not torch.cuda.is_available()
+    # CPU processes are forked (they start in a second, not re-importing torch); with no thread
+    # running here then (the bar refreshes on updates only). GPU processes are spawned, as CUDA needs.
+    start = "fork" if cpu else "spawn"
+    return _with_progress(
+        lambda update: launch(fn, args, processes, cpu=cpu, progress=update, start_method=start),
+        refresh_thread=False,
+    )
+
+
+def _recorded_recipe(run_dir: Path):
+    from workbench.train.recipe import parse_recipe
+    from workbench.train.runs import read_run
+
+    try:
+        return parse_recipe(read_run(run_dir)["recipe"], str(run_dir / "run.json"))
+    except (WorkbenchError, KeyError):
+        return None  # resume_training says what is wrong
+
+
+def _with_progress(run, refresh_thread: bool = True):
     """Call run(update) under a progress bar that shows step, epoch and the latest losses."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -119,7 +161,7 @@ def _with_progress(run):
         TextColumn("{task.fields[status]}"),
         TimeRemainingColumn(),
     )
-    with Progress(*columns, console=err, transient=False) as bar:
+    with Progress(*columns, console=err, transient=False, auto_refresh=refresh_thread) as bar:
         task = bar.add_task("training", total=None, status="starting")
         shown = {"loss": "", "val": ""}
 
@@ -129,12 +171,16 @@ def _with_progress(run):
             if p.val_loss is not None:
                 shown["val"] = f"val {p.val_loss:.4f}"
             status = "  ".join(s for s in (f"ep {p.epoch}", shown["loss"], shown["val"]) if s)
-            bar.update(task, total=p.total_steps, completed=p.step, status=status)
+            bar.update(task, total=p.total_steps, completed=p.step, status=status, refresh=not refresh_thread)
 
         return run(update)
 
 
 def _print_result(result) -> None:
+    from workbench.train.distributed import is_worker
+
+    if result is None or is_worker():  # (a launcher's other processes: the main one reports)
+        return
     table = Table(title=f"run {result.run_dir}", title_justify="left", show_header=False)
     table.add_column("what", style="dim")
     table.add_column("value")
@@ -234,6 +280,7 @@ LR_FIND_HELP = {
     "from": "Analyze an existing run (its metrics.jsonl) instead of training.",
     "write_recipe": "Write the recipe with a constant lr at the suggestion (see --pick).",
     "pick": "The suggestion --write-recipe uses: midpoint (seed 003's), valley, steep or minimum.",
+    "force": "With --write-recipe: write it even when a bound was not seen (the range's edge stands in).",
 }
 
 
@@ -252,6 +299,7 @@ def lr_find(
         None, "--write-recipe", metavar="OUT.yaml", help=LR_FIND_HELP["write_recipe"]
     ),
     pick: str = typer.Option("midpoint", "--pick", help=LR_FIND_HELP["pick"]),
+    force: bool = typer.Option(False, "--force", help=LR_FIND_HELP["force"]),
 ) -> None:
     """LR range test: ramp the lr from --lr-min to --lr-max over a short run, evaluating the
     deterministic validation loss every --val-every steps, and find the bounds automatically.
@@ -312,16 +360,20 @@ def lr_find(
     seconds = time.time() - started
     out.print(f"wrote [bold]{paths['png']}[/], {paths['json'].name}, {paths['html'].name} ({seconds:.0f} s)")
     if write_recipe is not None:
-        if not finding.found:
-            raise WorkbenchError(f"--write-recipe {write_recipe}: nothing written: {finding.message}")
-        lr = finding.suggestion(pick)
+        if not finding.found and not force:
+            raise WorkbenchError(
+                f"--write-recipe {write_recipe}: nothing written: {finding.message} (or --force)"
+            )
+        lr, forced_note = finding.forced(pick) if force else (finding.suggestion(pick), "")
+        if forced_note:
+            err.print(f"[yellow]warning:[/] {forced_note}", highlight=False, soft_wrap=True)
         base = base if base is not None else lf.base_recipe_of(from_run)
         component = finding.component if finding.component in lf.COMPONENTS else "unet"
         written = lf.recipe_at(base, lr, component, str(write_recipe))
         shown, low, high = (lf.format_lr(v) for v in (lr, finding.lower, finding.upper))
         note = (
             f"written by wb lr-find from {recipe or from_run}: constant lr {shown} for {component}\n"
-            f"({pick}; lower {low}, upper {high})"
+            f"({pick}; lower {low}, upper {high}){'; ' + forced_note if forced_note else ''}"
         )
         path = lf.write_recipe(write_recipe, written, note)
         out.print(f"wrote [bold]{path}[/]: constant lr {shown} ({pick}) for {component}")
@@ -357,6 +409,8 @@ def _print_finding(finding, pick: str) -> None:
         meaning = MEANINGS[name]
         if name == "upper" and finding.upper_reason:
             meaning += f" ({finding.upper_reason})"
+        if name in ("lower", "upper") and value is None and finding.upper_reason:
+            shown = "not seen"
         table.add_row(label, shown, meaning)
     out.print(table)
     style = "bold" if finding.found else "bold yellow"

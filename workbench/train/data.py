@@ -125,11 +125,12 @@ def with_repeats(examples: list[Example], seed: int) -> list[Example]:
 
 
 def split_examples(
-    examples: list[Example], proportion: float, seed: int
+    examples: list[Example], proportion: float, seed: int, round_up: bool = False
 ) -> tuple[list[Example], list[Example]]:
-    """(train, validation): disjoint, a fixed share `proportion` held out, chosen by `seed`."""
+    """(train, validation): disjoint, a fixed share `proportion` held out, chosen by `seed`
+    (round(n x proportion) of them; ceil with `round_up`, as EveryDream2 does)."""
     n = len(examples)
-    n_val = max(1, round(n * proportion))
+    n_val = max(1, math.ceil(n * proportion) if round_up else round(n * proportion))
     if n_val >= n:
         raise WorkbenchError(
             f"validation.split: {proportion} of {n} examples leaves nothing to train on; "
@@ -188,9 +189,11 @@ def fingerprint(examples: list[Example]) -> dict:
     return {"examples": len(examples), "sha256": h.hexdigest()}
 
 
-def load_image(path: Path, size: int | tuple[int, int]) -> Image.Image:
+def load_image(
+    path: Path, size: int | tuple[int, int], crop: tuple[float, float] | None = None
+) -> Image.Image:
     """The image upright, resized to cover `size` (width, height; an int is a square) and
-    center-cropped to it."""
+    center-cropped to it; `crop` (x, y in [0, 1)) places the crop instead (data.random_crop)."""
     width, height = (size, size) if isinstance(size, int) else size
     try:
         with Image.open(path) as im:
@@ -203,6 +206,8 @@ def load_image(path: Path, size: int | tuple[int, int]) -> Image.Image:
         im = im.resize((max(width, round(w * scale)), max(height, round(h * scale))), Image.BICUBIC)
     w, h = im.size
     left, top = (w - width) // 2, (h - height) // 2
+    if crop is not None:
+        left, top = int((w - width + 1) * crop[0]), int((h - height + 1) * crop[1])
     return im.crop((left, top, left + width, top + height))
 
 
@@ -221,7 +226,8 @@ class CaptionedImages(torch.utils.data.Dataset):
     """Map-style dataset: index -> {"pixels": float tensor (3, R, R) in [-1, 1], "caption": str}.
 
     With `augment` False (validation, stabilize-train) items are exactly the data: no flip, no
-    dropout, no shuffling.
+    dropout, no shuffling. With `latents` set (a latent_cache.LatentCache) items carry the image's
+    cached "latent_mean" and "latent_std" in place of "pixels".
     """
 
     def __init__(self, examples: list[Example], data: DataSection, seed: int = 0, augment: bool = True):
@@ -233,6 +239,10 @@ class CaptionedImages(torch.utils.data.Dataset):
             from workbench.train.buckets import bucket_sizes, nearest_bucket
 
             buckets = bucket_sizes(data.resolution, data.bucket_step, data.max_aspect)
+            if data.bucket_set == "ed2":
+                from workbench.train.ed2_buckets import ed2_buckets, nearest_ed2_bucket
+
+                buckets, nearest_bucket = ed2_buckets(data.resolution), nearest_ed2_bucket  # noqa: F811
             self.sizes = [
                 nearest_bucket(*upright_size(e.path), buckets) if e.path is not None else self.sizes[i]
                 for i, e in enumerate(examples)
@@ -241,8 +251,10 @@ class CaptionedImages(torch.utils.data.Dataset):
         self.flip_p, self.cond_dropout = data.flip_p, data.cond_dropout
         self.shuffle_tags, self.shuffle_caption = data.shuffle_tags, data.shuffle_caption
         self.keep_tokens, self.tag_dropout = data.keep_tokens, data.caption_tag_dropout_rate
+        self.random_crop = data.random_crop and augment
         self.seed = seed
         self.epoch = 0
+        self.latents = None  # a latent_cache.LatentCache: items carry cached latents, not pixels
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -257,43 +269,73 @@ class CaptionedImages(torch.utils.data.Dataset):
 
             return render_array(example.spec, self.resolution)
         assert example.path is not None
-        return np.array(load_image(example.path, self.sizes[index]))  # a writable copy for torch
+        return np.array(load_image(example.path, self.sizes[index], self.crop_of(index)))  # writable
+
+    def crop_of(self, index: int) -> tuple[float, float] | None:
+        """Where data.random_crop places this visit's crop (x, y in [0, 1)); None: the center crop."""
+        if not self.random_crop or self.examples[index].path is None:
+            return None
+        # its own generator: the flip and caption draws stay as they were
+        return tuple(np.random.default_rng([self.seed, self.epoch, index, 1]).random(2))
+
+    def pixels(self, index: int) -> torch.Tensor:
+        """The example's image as a float tensor (3, H, W) in [-1, 1], unaugmented (WorkbenchError
+        when it cannot be read)."""
+        array = np.ascontiguousarray(self.image(index))
+        return torch.from_numpy(array).permute(2, 0, 1).float() / 127.5 - 1
+
+    def flip_chance(self, example: Example) -> float:
+        """The chance `example` is mirrored at a visit: its folder's flip_p, else the recipe's
+        (0 without augmentation)."""
+        if not self.augment:
+            return 0.0
+        return self.flip_p if example.flip_p is None else example.flip_p
+
+    def substitute(self, index: int, error: WorkbenchError) -> int:
+        """The example trained in place of `index`, whose image cannot be read (`error`; checked
+        readable at the start, broken now, or its decoding fails past the header): the next one of
+        the same size, with a warning."""
+        other = self._substitute(index)
+        warnings.warn(f"{error}; training on {self.examples[other].key} in its place", stacklevel=3)
+        return other
 
     def __getitem__(self, index: int) -> dict:
-        example, used = self.examples[index], index
-        try:
-            array = np.ascontiguousarray(self.image(index))
-        except WorkbenchError as e:
-            # Checked readable at the start, broken now (or its decoding fails past the header):
-            # train on the next example of the same size instead of stopping the run.
-            used = self._substitute(index)
-            warnings.warn(f"{e}; training on {self.examples[used].key} in its place", stacklevel=2)
-            example, array = self.examples[used], np.ascontiguousarray(self.image(used))
-        pixels = torch.from_numpy(array).permute(2, 0, 1).float() / 127.5 - 1
-        caption = example.caption
-        if not self.augment:
-            return {"pixels": pixels, "caption": caption, "time_ids": self.time_ids(used)}
-        flip_p = self.flip_p if example.flip_p is None else example.flip_p
-        cond_dropout = self.cond_dropout if example.cond_dropout is None else example.cond_dropout
-        shuffle = self.shuffle_caption or self.shuffle_tags or example.shuffle
-        # ED2's shuffle_tags keeps the first tag in place; kohya's shuffle_caption keeps keep_tokens
-        keep = self.keep_tokens if self.shuffle_caption else max(1, self.keep_tokens)
-        if flip_p or cond_dropout or shuffle or self.tag_dropout:
-            rng = np.random.default_rng([self.seed, self.epoch, index])
-            if rng.random() < flip_p:
-                pixels = pixels.flip(-1)
-            caption = process_tags(caption, rng, keep=keep, shuffle=shuffle, tag_dropout=self.tag_dropout)
-            if rng.random() < cond_dropout:
-                caption = ""
-        return {"pixels": pixels, "caption": caption, "time_ids": self.time_ids(used)}
+        pixels = None
+        if self.latents is not None:  # encoded at the start (an unreadable image: its substitute's)
+            used = self.latents.substitutes.get(index, index)
+        else:
+            try:
+                used, pixels = index, self.pixels(index)
+            except WorkbenchError as e:  # train on the next example of the same size, not stop the run
+                used = self.substitute(index, e)
+                pixels = self.pixels(used)
+        example = self.examples[used]
+        caption, flip = example.caption, False
+        if self.augment:
+            flip_p = self.flip_chance(example)
+            cond_dropout = self.cond_dropout if example.cond_dropout is None else example.cond_dropout
+            shuffle = self.shuffle_caption or self.shuffle_tags or example.shuffle
+            # ED2's shuffle_tags keeps the first tag in place; kohya's shuffle_caption keeps keep_tokens
+            keep = self.keep_tokens if self.shuffle_caption else max(1, self.keep_tokens)
+            if flip_p or cond_dropout or shuffle or self.tag_dropout:
+                rng = np.random.default_rng([self.seed, self.epoch, index])
+                flip = rng.random() < flip_p
+                caption = process_tags(caption, rng, keep=keep, shuffle=shuffle, tag_dropout=self.tag_dropout)
+                if rng.random() < cond_dropout:
+                    caption = ""
+        sizes = {"time_ids": self.time_ids(used, self.crop_of(used))}  # SDXL's: the crop trained
+        if pixels is None:  # the VAE's mean and std of this image (flipped or not)
+            return {**self.latents.lookup(index, bool(flip)), "caption": caption, **sizes}
+        return {"pixels": pixels.flip(-1) if flip else pixels, "caption": caption, **sizes}
 
-    def time_ids(self, index: int) -> torch.Tensor:
-        """SDXL's size conditions of an example: its original size, the crop and its target size."""
+    def time_ids(self, index: int, crop: tuple[float, float] | None = None) -> torch.Tensor:
+        """SDXL's size conditions of an example: its original size, the crop (the center crop, or
+        `crop` placed as data.random_crop places it) and its target size."""
         from workbench.train.sdxl import cover_crop, time_ids
 
         example, target = self.examples[index], self.sizes[index]
         original = upright_size(example.path) if example.path is not None else target
-        return time_ids(original, cover_crop(original, target), target)
+        return time_ids(original, cover_crop(original, target, crop), target)
 
     def _substitute(self, index: int) -> int:
         size = self.sizes[index]
@@ -360,7 +402,7 @@ class EpochSampler(torch.utils.data.Sampler):
 
 
 def collate(items: list[dict]) -> dict:
-    batch = {"pixels": torch.stack([i["pixels"] for i in items]), "caption": [i["caption"] for i in items]}
-    if all("time_ids" in i for i in items):
-        batch["time_ids"] = torch.stack([i["time_ids"] for i in items])
-    return batch
+    """Stack the tensors (pixels, or cached latent_mean and latent_std; SDXL's time_ids), list the
+    captions."""
+    tensors = {k: torch.stack([i[k] for i in items]) for k in items[0] if k != "caption"}
+    return {**tensors, "caption": [i["caption"] for i in items]}

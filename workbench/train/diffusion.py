@@ -11,12 +11,14 @@ same numbers on every device, and validation can use its own generator that trai
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from workbench.errors import WorkbenchError
+from workbench.text_encode import encode_with_clip_skip
 
 
 @dataclass
@@ -29,6 +31,7 @@ class Models:
     scaling_factor: float
     text_encoder_2: torch.nn.Module | None = None  # SDXL's OpenCLIP-bigG (see sdxl.py)
     tokenizer_2: object = None
+    clip_skip: int = 1  # the conditioning: A1111 units (see workbench.text_encode); SD1/SD2 only
 
 
 def noise_scheduler_for(config: dict):
@@ -95,9 +98,19 @@ def denoising_loss(
     noise: torch.Tensor,
     timesteps: torch.Tensor,
     min_snr_gamma: float | None = None,
+    loss_type: str = "mse",
+    huber: tuple[float, str, float] = (0.1, "snr", 1.0),
     time_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-example loss (shape [B]): MSE between the prediction and the target (noise or v).
+
+    `loss_type` huber: Huber with delta 1 instead (F.huber_loss); mse_huber (EveryDream2's
+    default): each element's MSE weighted by t / 1000 plus its Huber by 1 - t / 1000, t the example's
+    timestep (Huber where the noise is small); huber_mse: the weights the other way round.
+    pseudo_huber / smooth_l1 (kohya's "huber" / "smooth_l1"): 2c (sqrt(d^2 + c^2) - c) and
+    2 (sqrt(d^2 + c^2) - c), c per example from `huber` = (huber_c, schedule, scale): snr:
+    (1 - huber_c) / (1 + sigma_t)^2 + huber_c, sigma_t = sqrt((1 - a_t) / a_t); exponential:
+    scale exp(ln(huber_c) t / T); constant: huber_c x scale.
 
     With min_snr_gamma, each example is weighted by min(SNR(t), gamma) / SNR(t) for epsilon
     prediction and min(SNR(t), gamma) / (SNR(t) + 1) for v prediction (Min-SNR: the same weight
@@ -113,11 +126,54 @@ def denoising_loss(
         hidden, added = unet_inputs(models, input_ids, time_ids)
         pred = models.unet(noisy, timesteps, hidden, added_cond_kwargs=added).sample
     else:
-        hidden = models.text_encoder(input_ids)[0]
+        hidden = encode_with_clip_skip(models.text_encoder, input_ids, models.clip_skip)
         pred = models.unet(noisy, timesteps, hidden).sample
-    loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    loss = elementwise_loss(pred.float(), target.float(), timesteps, loss_type, scheduler, huber)
+    loss = loss.mean(dim=(1, 2, 3))
     if min_snr_gamma is not None:
         alphas = scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()
         snr = alphas / (1 - alphas)
         loss = loss * torch.clamp(snr, max=min_snr_gamma) / (snr + 1 if v_prediction else snr)
     return loss
+
+
+def elementwise_loss(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    timesteps: torch.Tensor,
+    loss_type: str,
+    scheduler,
+    huber: tuple[float, str, float] = (0.1, "snr", 1.0),
+) -> torch.Tensor:
+    """The loss of every element (same shape as pred); see denoising_loss for the types."""
+    mse = F.mse_loss(pred, target, reduction="none")
+    if loss_type == "mse":
+        return mse
+    if loss_type in ("pseudo_huber", "smooth_l1"):
+        c = huber_threshold(timesteps, scheduler, *huber).to(pred.device).view(-1, 1, 1, 1)
+        root = torch.sqrt((pred - target) ** 2 + c**2) - c
+        return 2 * c * root if loss_type == "pseudo_huber" else 2 * root
+    huber = F.huber_loss(pred, target, reduction="none", delta=1.0)
+    if loss_type == "huber":
+        return huber
+    w = (timesteps.float() / scheduler.config.num_train_timesteps).view(-1, 1, 1, 1)
+    if loss_type == "mse_huber":
+        return mse * w + huber * (1 - w)
+    if loss_type == "huber_mse":
+        return huber * w + mse * (1 - w)
+    raise ValueError(f"unknown loss type {loss_type!r}")
+
+
+def huber_threshold(
+    timesteps: torch.Tensor, scheduler, huber_c: float, schedule: str, scale: float
+) -> torch.Tensor:
+    """kohya's per-example c for pseudo_huber / smooth_l1 (see denoising_loss)."""
+    t = timesteps.cpu()
+    if schedule == "snr":
+        alphas = scheduler.alphas_cumprod.index_select(0, t).float()
+        sigmas = ((1.0 - alphas) / alphas) ** 0.5
+        return (1 - huber_c) / (1 + sigmas) ** 2 + huber_c
+    if schedule == "exponential":
+        alpha = -math.log(huber_c) / scheduler.config.num_train_timesteps
+        return torch.exp(-alpha * t.float()) * scale
+    return torch.full((t.shape[0],), huber_c * scale)

@@ -6,7 +6,8 @@ After every `every` optimizer steps, each trained parameter's shadow moves towar
 
 t counts the updates made so far (0 for the first). The (1 + t) / (10 + t) warm-up, as in
 diffusers' EMAModel, keeps the first updates from pinning the average to the starting weights for
-thousands of steps. Shadows are fp32, on the training device or on the CPU (`ema_device: cpu`
+thousands of steps; `ema_warmup: false` leaves it out (EveryDream2 has none). Shadows are fp32,
+on the training device or on the CPU (`ema_device: cpu`
 saves VRAM at the cost of a copy per update). Only trained parameters have shadows: frozen ones are
 their own average.
 """
@@ -27,17 +28,22 @@ class EMA:
     params: dict[str, list[torch.nn.Parameter]]  # component -> its trained parameters
     shadows: dict[str, list[torch.Tensor]] = field(default_factory=dict)
     updates: int = 0
+    warmup: bool = True  # False: the full decay from the first update (EveryDream2)
 
 
 def ema_start(
-    params: dict[str, list[torch.nn.Parameter]], decay: float, every: int = 1, device: str | None = None
+    params: dict[str, list[torch.nn.Parameter]],
+    decay: float,
+    every: int = 1,
+    device: str | None = None,
+    warmup: bool = True,
 ) -> EMA:
     """Shadows equal to the current weights; `device` None keeps each beside its parameter."""
     shadows = {
         c: [p.detach().to(device or p.device, torch.float32, copy=True) for p in ps]
         for c, ps in params.items()
     }
-    return EMA(decay=decay, every=every, params=params, shadows=shadows)
+    return EMA(decay=decay, every=every, params=params, shadows=shadows, warmup=warmup)
 
 
 def ema_decay_at(decay: float, updates: int) -> float:
@@ -49,7 +55,7 @@ def ema_update(ema: EMA, step: int) -> bool:
     """Move the shadows after optimizer step `step` (1-based) when it is one of every `every`."""
     if step % ema.every:
         return False
-    weight = 1.0 - ema_decay_at(ema.decay, ema.updates)
+    weight = 1.0 - (ema_decay_at(ema.decay, ema.updates) if ema.warmup else ema.decay)
     for c, params in ema.params.items():
         for shadow, p in zip(ema.shadows[c], params, strict=True):
             shadow.lerp_(p.detach().to(shadow.device, torch.float32), weight)

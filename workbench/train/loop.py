@@ -9,8 +9,9 @@ run.json), then the loop, which per optimizer step does
     log / validate / save / sample         (when the recipe says so)
 
 CPU runs in fp32; on a GPU `mixed_precision: auto` means bf16 autocast (fp16 without bf16
-support). Multi-GPU: `accelerate launch -m workbench.cli train RECIPE.yaml` (each process
-draws different noise and sees a different shard of every batch; step counts are optimizer steps).
+support). Several processes (`wb train --processes N`, or `accelerate launch -m workbench.cli train`):
+each takes its shard of every global batch of N x batch_size and the same run results as one process
+with that batch (see distributed.py); step counts are optimizer steps.
 
 Checkpoints are single files in the LDM layout (what A1111, ComfyUI and `wb inspect` read), named
 `checkpoints/NAME-epNN-gsNNNNN.safetensors`, NN the (1-based) epoch a step belongs to. The library
@@ -48,8 +49,10 @@ from workbench.train.data import (
     with_repeats,
     write_split,
 )
-from workbench.train.diffusion import Models, denoising_loss, encode_latents, tokenize_for
+from workbench.train.diffusion import Models, denoising_loss, tokenize_for
+from workbench.train.distributed import Draws, global_loss, reduce_loss, sharded_loader
 from workbench.train.ema import ema_load, ema_start, ema_update
+from workbench.train.latent_cache import build_latent_cache, latent_sample
 from workbench.train.network import check_network_unchanged, network_record, network_run_info, start_network
 from workbench.train.optimizers import build_optimizer
 from workbench.train.recipe import Recipe
@@ -126,9 +129,10 @@ def train(
     started = time.time()
     tr = recipe.training
     data = read_data(recipe.data)  # first: no images is an error before any folder is made
-    run_dir = Path(run_dir) if resume else new_run_dir(Path(run_dir), checkpoints)
     accelerator = make_accelerator(Accelerator, recipe)
     device, main = accelerator.device, accelerator.is_main_process
+    with accelerator.main_process_first():  # the main process makes the folder, the others use it
+        run_dir = Path(run_dir) if resume or not main else new_run_dir(Path(run_dir), checkpoints)
     set_seed(tr.seed)
     saved = load_state(run_dir, accelerator.num_processes) if resume else None
     if resume:
@@ -136,14 +140,21 @@ def train(
         check_network_unchanged(run_dir, recipe)
 
     # --- the model ------------------------------------------------------------------------------
-    base_path, models, spec, base_metadata = load_model(recipe, run_dir, device, resume)
+    with accelerator.main_process_first():  # (a toy base is written by the main process)
+        base_path, models, spec, base_metadata = load_model(recipe, run_dir, device, resume or not main)
     check_resolution(recipe.data, spec.configs)
 
     # --- the data: a fixed validation split, written beside the run -----------------------------
     examples = data.examples
     val = recipe.validation
-    if val.enabled:
-        train_examples, val_examples = split_examples(examples, val.split, val.seed)
+    if val.enabled and val.root:  # a folder of its own: the training data stays whole
+        train_examples = examples
+        val_examples = read_data(recipe.data.model_copy(update={"root": val.root})).examples
+        stable_examples = (
+            stable_subset(train_examples, val.stabilize_split, val.seed) if val.stabilize_train else []
+        )
+    elif val.enabled:
+        train_examples, val_examples = split_examples(examples, val.split, val.seed, val.split_round_up)
         stable_examples = (
             stable_subset(train_examples, val.stabilize_split, val.seed) if val.stabilize_train else []
         )
@@ -157,7 +168,14 @@ def train(
     train_set = CaptionedImages(train_examples, recipe.data, seed=tr.seed, augment=True)
     val_set = CaptionedImages(val_examples, recipe.data, augment=False)
     stable_set = CaptionedImages(stable_examples, recipe.data, augment=False)
-    if recipe.data.aspect_buckets:  # batches of one bucket each; `skip` below counts batches
+    if recipe.data.cache_latents != "off":  # the VAE's latents of every image, once (latent_cache.py)
+        train_set.latents = build_latent_cache(
+            train_set, models, recipe.data.cache_latents, accelerator, tr.batch_size
+        )
+    if accelerator.num_processes > 1:  # each process its shard of every global batch
+        loader, sampler = sharded_loader(train_set, recipe, accelerator, collate)
+        per_batch = 1  # `skip` counts global batches
+    elif recipe.data.aspect_buckets:  # batches of one bucket each; `skip` below counts batches
         sampler = BucketBatchSampler(train_set.sizes, tr.batch_size, tr.seed)
         loader = torch.utils.data.DataLoader(
             train_set, batch_sampler=sampler, collate_fn=collate, num_workers=recipe.data.workers
@@ -194,12 +212,13 @@ def train(
     # modules, which validation, sampling and saving use.
     trained = {c: accelerator.prepare(getattr(models, c)) for c in params}
     optimizers = {c: accelerator.prepare(o) for c, o in optimizers.items()}
-    loader = accelerator.prepare(loader)
+    if accelerator.num_processes == 1:
+        loader = accelerator.prepare(loader)
     steps_per_epoch = max(1, math.ceil(len(loader) / tr.grad_accum))
     total_steps = min(tr.max_steps or math.inf, (tr.max_epochs or math.inf) * steps_per_epoch)
     total_steps = int(total_steps)
     schedulers = {
-        c: build_scheduler(o, recipe.schedule, total_steps)
+        c: build_scheduler(o, recipe.schedule.for_component(c), total_steps)
         if lr_factor is None
         else torch.optim.lr_scheduler.LambdaLR(o, lr_factor)
         for c, o in optimizers.items()
@@ -209,7 +228,9 @@ def train(
     if tr.ema_decay is not None or tr.ema_strength_target is not None:
         # EveryDream2's strength target: what is left of the starting weights' share at the end
         decay = tr.ema_decay or tr.ema_strength_target ** (tr.ema_every_n_steps / max(1, total_steps))
-        ema = ema_start(params, decay, tr.ema_every_n_steps, "cpu" if tr.ema_device == "cpu" else None)
+        ema = ema_start(
+            params, decay, tr.ema_every_n_steps, "cpu" if tr.ema_device == "cpu" else None, tr.ema_warmup
+        )
         if saved is not None:
             ema_load(ema, param_names(models, params, network), state_weights, saved.progress.ema_updates)
     del state_weights
@@ -226,6 +247,8 @@ def train(
                           "steps_per_epoch": steps_per_epoch, "total_steps": total_steps}  # fmt: skip
         if recipe.data.aspect_buckets:
             record["data"]["buckets"] = bucket_counts(train_set.sizes)
+        if train_set.latents is not None:
+            record["data"]["latent_cache"] = train_set.latents.summary()
         write_run_record(run_dir, record)
     elif main:
         record_resume(run_dir, saved.progress.step, fingerprint(examples), accelerator)
@@ -233,6 +256,7 @@ def train(
     log = MetricsLog(run_dir, recipe.logging.tensorboard, after_step=resumed_at) if main else None
     state = RunState(recipe, run_dir, models, spec, base_metadata, accelerator, log, progress, total_steps)
     state.val_set, state.stable_set = val_set, stable_set  # what `evaluate` measures
+    state.steps_per_epoch = steps_per_epoch
     state.checkpointing, state.stop_when = checkpoints, stop_when
     state.optimizers, state.schedulers, state.trained_components = optimizers, schedulers, tuple(params)
     state.ema, state.param_names = ema, param_names(models, params, network)
@@ -242,8 +266,8 @@ def train(
 
     # --- the loop ---------------------------------------------------------------------------------
     # Training noise, timesteps and latent samples come from this generator alone (validation has
-    # its own), offset per process so that GPUs do not draw identical noise.
-    generator = torch.Generator().manual_seed(tr.seed + 1_000_003 * accelerator.process_index)
+    # its own); the same on every process, which draws for the global batch and keeps its rows.
+    generator = torch.Generator().manual_seed(tr.seed)
     state.generator = generator
     if network is not None:
         network.generator = generator  # LoRA dropout masks draw from it (network.py)
@@ -275,23 +299,29 @@ def train(
             if epoch == first_epoch and skip:
                 # Resuming mid-epoch: the sampler drops what this epoch's order already gave, on
                 # every process (each took batches_seen batches).
-                sampler.resume_at(epoch, skip * per_batch * accelerator.num_processes)
+                sampler.resume_at(epoch, skip * per_batch)
             state.position = (epoch, skip if epoch == first_epoch else 0)
             for batch in loader:
                 state.position = (epoch, state.position[1] + 1)
                 t0 = time.perf_counter()
                 with accelerator.accumulate(*trained.values()):
                     with accelerator.autocast():  # bf16/fp16 on GPUs (a no-op in fp32); not the backward
-                        loss = _batch_loss(step_model, batch, generator, recipe, device).mean()
-                    if not _finite_everywhere(accelerator, loss):
-                        state.stop_on_bad_loss(loss.item(), step + 1, epoch)
+                        per_example = _batch_loss(step_model, batch, generator, recipe, device)
+                        loss = reduce_loss(per_example, batch, accelerator.num_processes)
+                    value = global_loss(accelerator, loss)  # NaN/inf if any process's is: all stop
+                    if not math.isfinite(value):
+                        state.stop_on_bad_loss(value, step + 1, epoch)
                         break
-                    micro_losses.append(loss.item())
+                    micro_losses.append(value)
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and tr.clip_grad_norm:
                         accelerator.clip_grad_norm_(
                             [p for ps in params.values() for p in ps], tr.clip_grad_norm
                         )
+                    if accelerator.sync_gradients:  # each component's own norm (EveryDream2's way)
+                        for c, ps in params.items():
+                            if recipe.clip_grad_norm_of(c):
+                                accelerator.clip_grad_norm_(ps, recipe.clip_grad_norm_of(c))
                     for optimizer in optimizers.values():
                         optimizer.step()  # accelerate skips the step until the last micro-batch
                         optimizer.zero_grad(set_to_none=True)
@@ -419,30 +449,17 @@ def _batch_loss(
 ) -> torch.Tensor:
     """Per-example epsilon loss of one micro-batch, every random number drawn from `generator`."""
     tr = recipe.training
+    draws = Draws(generator, batch.get("shard"))  # (several processes: this shard's rows)
     with torch.no_grad():  # the VAE is never trained
-        latents = encode_latents(models.vae, batch["pixels"].to(device), models.scaling_factor, generator,
-                                 fp32=models.text_encoder_2 is not None)  # fmt: skip
+        latents = latent_sample(models, batch, draws, device)  # (SDXL: the VAE in fp32)
     b = latents.shape[0]
-    noise = torch.randn(latents.shape, generator=generator)
+    noise = draws.randn(latents.shape)
     if tr.zero_frequency_noise_ratio:
         # "offset noise": a per-channel constant lets the model learn overall brightness
-        noise = noise + tr.zero_frequency_noise_ratio * torch.randn(
-            (b, latents.shape[1], 1, 1), generator=generator
-        )
-    timesteps = torch.randint(tr.timestep_min, tr.timestep_max + 1, (b,), generator=generator)
+        noise = noise + tr.zero_frequency_noise_ratio * draws.randn((b, latents.shape[1], 1, 1))
+    timesteps = draws.randint(tr.timestep_min, tr.timestep_max + 1, (b,))
     ids = tokenize_for(models, batch["caption"], device)
     return denoising_loss(
         models, latents, ids, noise.to(device, latents.dtype), timesteps.to(device), tr.min_snr_gamma,
-        time_ids=batch.get("time_ids"),
+        tr.loss, (tr.huber_c, tr.huber_schedule, tr.huber_scale), time_ids=batch.get("time_ids"),
     )  # fmt: skip
-
-
-# --- setup helpers ------------------------------------------------------------------------------
-
-
-def _finite_everywhere(accelerator, loss: torch.Tensor) -> bool:
-    """Whether the loss is finite on every process (all must stop together, or DDP would hang)."""
-    bad = (~torch.isfinite(loss.detach())).float().reshape(1)
-    if accelerator.num_processes > 1:
-        bad = accelerator.reduce(bad, "sum")
-    return bad.item() == 0

@@ -14,12 +14,14 @@ a log one); docs/lr_find.md has the why and how precise it is:
   everything after it are left out of the rest;
 - noise: sigma from the second differences of the losses (`noise_sigma`), independent of smoothing;
 - smoothing: a robust LOWESS (`lowess`): a local straight-line fit around each point (tricube weights
-  over its k nearest neighbours, k about a tenth of the points, at least 7), a point far from the
-  median of its five neighbours discounted. A local line is unbiased on a slope and at the ends of
-  the range, where a moving average flattens the curve and an EMA lags (pushing every bound up);
+  over its k nearest neighbours, k about a tenth of the points, at least 7; 5 under 30 points), a
+  point far from the median of its five neighbours discounted. A local line is unbiased on a slope
+  and at the ends of the range, where a moving average flattens the curve and an EMA lags;
 - the fall: from the highest smoothed point before the lowest one down to the lowest one. Within
   6 noise sigmas (more with fewer than 15 points) or 0.1% of the loss, there is no learning signal:
   no numbers, a message;
+- a bound only where the data shows it: the loss beyond it flat within its noise (or turning up,
+  or diverging); else None, with "rerun with --lr-max X" (or --lr-min), and no midpoint;
 - lower and upper: the fall approximated by one straight line, fitted to the smoothed points from
   15% to 85% of it done, extended to the starting level (lower) and to the lowest level (upper),
   kept within the fall. For a fall that is straight between two knees this gives the knees, for an
@@ -83,7 +85,12 @@ class Finding:
     valley: float | None = None
     steep: float | None = None
     minimum: float | None = None
-    upper_reason: str | None = None  # "flattens", "turns up", "diverges", "still falling"
+    upper_reason: str | None = None  # "flattens", "turns up", "diverges", "not seen"
+    lower_seen: bool = False  # a bound is only reported when the data shows it
+    upper_seen: bool = False
+    lower_limit: float | None = None  # the range's edge, standing in for a bound not seen (--force)
+    upper_limit: float | None = None
+    rerun: str | None = None  # the flag that would show the missing bound, e.g. "--lr-max 3e-3"
     diverged_at: float | None = None
     message: str = ""
     notes: list[str] = field(default_factory=list)
@@ -96,7 +103,21 @@ class Finding:
 
     @property
     def found(self) -> bool:
-        return self.lower is not None
+        """Both bounds are in the data (only then is there a midpoint)."""
+        return self.lower is not None and self.upper is not None
+
+    def forced(self, pick: str = "midpoint") -> tuple[float, str]:
+        """For --force: the suggestion, with a range edge standing in for a bound that was not seen
+        (said in the returned note)."""
+        if pick != "midpoint" or self.found:
+            return self.suggestion(pick), ""
+        if self.lower_limit is None and self.lower is None:
+            raise WorkbenchError(f"no {pick} suggestion, even with --force: {self.message}")
+        lower = self.lower if self.lower is not None else self.lower_limit
+        upper = self.upper if self.upper is not None else self.upper_limit
+        missing = [n for n, v in (("lower", self.lower), ("upper", self.upper)) if v is None]
+        note = f"--force: the {' and '.join(missing)} bound not seen; the range's edge used instead"
+        return (lower + upper) / 2, note
 
     def suggestion(self, pick: str = "midpoint") -> float:
         if pick not in PICKS:
@@ -130,7 +151,7 @@ def analyze(
     """Read an LR range test: (lr, loss) points in the order they were measured, lr rising.
 
     `log`: whether the ramp was even in log lr (None: decide from the spacing of the lrs).
-    `window`: the smoother's neighbourhood in points (default: a tenth of them, at least 7)."""
+    `window`: the smoother's neighbourhood in points (default: a tenth of them, at least 7; 5 under 30)."""
     lr = np.asarray(lrs, dtype=float)
     y = np.asarray(losses, dtype=float)
     if lr.shape != y.shape or lr.ndim != 1:
@@ -186,7 +207,8 @@ def analyze(
         notes.append("losses measured at the same lr were averaged")
     x = np.log10(lr_u) if log else lr_u
     n = x.size
-    k = min(n, window or max(7, round(n / 10)))
+    # a tenth of the points, at least 7 (5 for a short test: a wide window cuts its corners)
+    k = min(n, window or max(7 if n >= 30 else 5, round(n / 10)))
     noise = noise_sigma(y_u)
     s = lowess(x, y_u, k, noise)
     finding.window, finding.noise = k, noise
@@ -213,15 +235,10 @@ def analyze(
     # Lower and upper: a straight line through the middle of the fall, met with its two levels.
     lower_x, upper_x = _fall_line(x, s, i_top, i_min, fall)
     to_lr = (lambda v: float(10.0**v)) if log else float
-    finding.lower, finding.upper = to_lr(lower_x), to_lr(upper_x)
-    finding.midpoint = (finding.lower + finding.upper) / 2
-    if i_top == 0 and lower_x <= float(x[0]):
-        first_lr = format_lr(lr_u[0])
-        notes.append(
-            f"the loss falls from the first lr tried ({first_lr}): the lower bound is at or below it"
-        )
-
-    # What happens after the fall.
+    finding.lower_limit, finding.upper_limit = float(lr_u[0]), float(lr_u[-1])
+    # A bound counts only where the data shows it: the loss flat (within its noise) on the far side
+    # of it, or turning up, or diverging. Otherwise the bound lies outside the range tried.
+    width = upper_x - lower_x  # the fall's extent along x
     rise = float(s[i_min:].max() - s[i_min])
     if finding.diverged_at is not None:
         finding.upper_reason = "diverges"
@@ -231,14 +248,24 @@ def analyze(
     elif rise > max(significant, 0.1 * fall):
         finding.upper_reason = "turns up"
         notes.append(f"the loss bottoms out at lr {format_lr(lr_u[i_min])} and turns up after it")
-    elif i_min >= n - 2:
-        finding.upper_reason = "still falling"
-        notes.append(
-            f"the loss is still falling at the highest lr ({format_lr(lr_u[-1])}): the upper bound may lie "
-            "beyond the range; try a higher --lr-max"
-        )
-    else:
+    elif _levels_off(x, y_u, x > upper_x, fall, width, noise, n):
         finding.upper_reason = "flattens"
+    else:
+        finding.upper_reason = "not seen"
+    finding.upper_seen = finding.upper_reason != "not seen"
+    # From lr 0 (a linear ramp's start) the range covers every lower lr: the bound is in it.
+    finding.lower_seen = bool(lr_u[0] <= 0) or _levels_off(
+        x[::-1], y_u[::-1], x[::-1] < lower_x, fall, width, noise, n
+    )
+    finding.lower = to_lr(lower_x) if finding.lower_seen else None
+    finding.upper = to_lr(upper_x) if finding.upper_seen else None
+    if finding.found:
+        finding.midpoint = (finding.lower + finding.upper) / 2
+    if i_top == 0 and lower_x <= float(x[0]) and finding.lower_seen:
+        notes.append(
+            f"the loss falls from the first lr tried ({format_lr(lr_u[0])}): "
+            "the lower bound is at or below it"
+        )
 
     # fastai's suggestions.
     a, b = _longest_fall(s, tol=max(2 * noise, 1e-9 * float(np.abs(s).max())))
@@ -248,11 +275,68 @@ def analyze(
         gradient = np.gradient(s[positive], np.log10(lr_u[positive]))
         finding.steep = float(lr_u[positive][int(np.argmin(gradient))])
     finding.minimum = float(lr_u[i_min]) / 10
-    finding.message = (
-        f"lower {format_lr(finding.lower)}, upper {format_lr(finding.upper)} ({finding.upper_reason}): "
-        f"midpoint {format_lr(finding.midpoint)}"
+    if finding.found:
+        finding.message = (
+            f"lower {format_lr(finding.lower)}, upper {format_lr(finding.upper)} ({finding.upper_reason}): "
+            f"midpoint {format_lr(finding.midpoint)}"
+        )
+        return finding
+    parts, reruns = [], []
+    if not finding.lower_seen:
+        proposal = float(lr_u[0]) / 10 if log else 0.0
+        reruns.append(f"--lr-min {format_lr(proposal)}")
+        parts.append(
+            f"no lower bound above lr-min {format_lr(lr_u[0])}: the loss already falls there; "
+            f"rerun with {reruns[-1]}"
+        )
+    if not finding.upper_seen:
+        proposal = float(lr_u[-1]) * (10 if log else 3)
+        reruns.append(f"--lr-max {format_lr(proposal)}")
+        parts.append(
+            f"no upper bound below lr-max {format_lr(lr_u[-1])}: the loss is still falling there; "
+            f"rerun with {reruns[-1]}"
+        )
+    bounds = (("lower", finding.lower), ("upper", finding.upper))
+    seen = [f"{name} {format_lr(v)}" for name, v in bounds if v is not None]
+    finding.message = "; ".join(parts) + (
+        f" ({', '.join(seen)} seen; no midpoint)" if seen else " (no midpoint)"
     )
+    finding.rerun = " ".join(reruns)
     return finding
+
+
+def _levels_off(
+    x: np.ndarray, y: np.ndarray, beyond: np.ndarray, fall: float, fall_width: float, noise: float, n: int
+) -> bool:
+    """Whether the losses `beyond` a bound (a mask; x ordered away from the fall) show that the fall
+    has stopped by the end of the range: enough points beyond the bound (at least 4 and 8% of
+    them); a least-squares line through all of them that, even two standard errors steeper, falls
+    at under half the fall's rate; and a line through the far half of them (at least as many) that
+    does not fall beyond its noise (two standard errors) at all: a loss still falling at lr-max,
+    however slowly, has not shown where the fall stops."""
+    idx = np.nonzero(beyond)[0]
+    least = max(4, round(0.08 * n))
+    if idx.size < least:
+        return False
+    drop, se, width = _drop(x[idx], y[idx], noise)
+    if width <= 0 or drop + 2 * se >= 0.5 * fall / max(fall_width, 1e-12) * width:
+        return False
+    far = idx[-max(least, math.ceil(idx.size / 2)) :]
+    drop, se, width = _drop(x[far], y[far], noise)
+    return width > 0 and drop <= 2 * se
+
+
+def _drop(xs: np.ndarray, ys: np.ndarray, noise: float) -> tuple[float, float, float]:
+    """How much a least-squares line through the points falls across them (in their order), its
+    standard error for noise `noise`, and their width along x."""
+    dx = xs - xs.mean()
+    sxx = float(np.sum(dx * dx))
+    width = abs(float(xs[-1] - xs[0]))
+    if sxx <= 0:
+        return 0.0, 0.0, 0.0
+    slope = float(np.sum(dx * (ys - ys.mean())) / sxx)
+    drop = (-slope if xs[-1] >= xs[0] else slope) * width
+    return drop, max(noise, 1e-12) * width / math.sqrt(sxx), width
 
 
 def lowess(x: np.ndarray, y: np.ndarray, k: int, noise: float | None = None) -> np.ndarray:
@@ -271,24 +355,29 @@ def lowess(x: np.ndarray, y: np.ndarray, k: int, noise: float | None = None) -> 
     sigma = noise_sigma(y) if noise is None else noise
     robust = np.ones(n)
     if sigma > 0 and n >= 5:
-        r = np.array([y[i] - np.median(y[max(0, i - 2) : i + 3]) for i in range(n)])
-        u = r / (6 * sigma)
+        medians = np.empty(n)
+        medians[2 : n - 2] = np.median(np.lib.stride_tricks.sliding_window_view(y, 5), axis=1)
+        for i in (0, 1, n - 2, n - 1):  # the ends: the neighbours there are
+            medians[i] = np.median(y[max(0, i - 2) : i + 3])
+        u = (y - medians) / (6 * sigma)
         robust = np.where(np.abs(u) < 1, (1 - u**2) ** 2, 0.0)
-    fit = np.empty(n)
-    for i in range(n):
-        distance = np.abs(x - x[i])
-        near = np.argsort(distance, kind="stable")[:k]
-        reach = distance[near].max() * 1.001 or 1.0
-        w = (1 - (distance[near] / reach) ** 3) ** 3 * robust[near]
-        if w.sum() <= 0:
-            fit[i] = float(np.median(y[near]))
-            continue
-        dx = x[near] - x[i]
-        mx, my = np.average(dx, weights=w), np.average(y[near], weights=w)
-        spread = float(np.sum(w * (dx - mx) ** 2))
-        slope = float(np.sum(w * (dx - mx) * (y[near] - my)) / spread) if spread > 0 else 0.0
-        fit[i] = min(max(my - slope * mx, float(y[near].min())), float(y[near].max()))
-    return fit
+    # All n local fits at once: row i holds point i's k nearest neighbours.
+    distance = np.abs(x[None, :] - x[:, None])
+    near = np.argsort(distance, axis=1, kind="stable")[:, :k]
+    d = np.take_along_axis(distance, near, axis=1)
+    reach = d.max(axis=1, keepdims=True) * 1.001
+    reach[reach == 0] = 1.0
+    w = (1 - (d / reach) ** 3) ** 3 * robust[near]
+    yn, dx = y[near], x[near] - x[:, None]
+    total = w.sum(axis=1)
+    safe = np.where(total > 0, total, 1.0)
+    mx, my = (w * dx).sum(axis=1) / safe, (w * yn).sum(axis=1) / safe
+    spread = (w * (dx - mx[:, None]) ** 2).sum(axis=1)
+    cross = (w * (dx - mx[:, None]) * (yn - my[:, None])).sum(axis=1)
+    slope = np.where(spread > 0, cross / np.where(spread > 0, spread, 1.0), 0.0)
+    fit = my - slope * mx
+    fit = np.clip(fit, yn.min(axis=1), yn.max(axis=1))
+    return np.where(total > 0, fit, np.median(yn, axis=1))
 
 
 def _fall_line(x: np.ndarray, s: np.ndarray, i_top: int, i_min: int, fall: float) -> tuple[float, float]:
@@ -704,7 +793,8 @@ def plot_finding(finding: Finding, width: int = 900, height: int = 540):
     name = Path(finding.run_dir).name if finding.run_dir else ""
     title = f"LR range test{': ' + name if name else ''}"
     if not finding.found:
-        title += " (no bounds)"
+        missing = [b for b, v in (("lower", finding.lower), ("upper", finding.upper)) if v is None]
+        title += " (no bounds)" if len(missing) == 2 else f" (no {missing[0]} bound in the range)"
     who = {"both": "UNet and text encoder", "unet": "UNet", "text_encoder": "text encoder"}.get(
         finding.component or "", ""
     )

@@ -333,8 +333,10 @@ def start_network(models, spec, recipe, accelerator):
         raise WorkbenchError("saving.format: a LoRA run writes kohya LoRA files; use [single_file]")
     for section in ("text_encoder", "text_encoder_2"):
         te = recipe.text_encoder_section(section)
-        for name in ("unfreeze_last_n_layers", "freeze_embeddings", "freeze_final_layer_norm"):
-            if getattr(te, name) not in (None, False):
+        for name in (
+            "unfreeze_last_n_layers", "freeze_first_n_layers", "freeze_embeddings", "freeze_final_layer_norm"
+        ):  # fmt: skip  # (freeze_embeddings auto freezes only with frozen layers: harmless here)
+            if getattr(te, name) not in (None, False, "auto"):
                 raise WorkbenchError(
                     f"{section}.{name}: the base is frozen in a LoRA run; choose the adapted modules "
                     "with network.targets instead"

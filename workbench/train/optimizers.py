@@ -227,12 +227,15 @@ def adapted_lr(optimizer: torch.optim.Optimizer, lr: float | None = None) -> flo
 def freeze_text_encoder(
     text_encoder: torch.nn.Module,
     unfreeze_last_n_layers: int | None,
-    freeze_embeddings: bool,
+    freeze_embeddings: bool | str,
     freeze_final_layer_norm: bool,
+    freeze_first_n_layers: int | None = None,
 ) -> None:
     """Set requires_grad False on the frozen parts of a (trained) HF CLIP text encoder.
 
     unfreeze_last_n_layers=None trains every encoder layer; n trains only the last n (0: none).
+    freeze_first_n_layers=n instead freezes the first n. freeze_embeddings "auto" (EveryDream2's
+    rule) freezes the embeddings when any layer is frozen.
     Frozen parameters stay out of the optimizer, so weight decay cannot touch them either: they
     come out of training bit-identical.
     """
@@ -241,10 +244,15 @@ def freeze_text_encoder(
     if not all(hasattr(text_model, part) for part in ("embeddings", "encoder", "final_layer_norm")):
         raise WorkbenchError(f"text_encoder freezing: {type(text_encoder).__name__} is not a CLIP text model")
     layers = text_model.encoder.layers
+    frozen = 0
     if unfreeze_last_n_layers is not None:
         frozen = max(0, len(layers) - unfreeze_last_n_layers)
-        for layer in layers[:frozen]:
-            layer.requires_grad_(False)
+    elif freeze_first_n_layers is not None:
+        frozen = min(len(layers), freeze_first_n_layers)
+    for layer in layers[:frozen]:
+        layer.requires_grad_(False)
+    if freeze_embeddings == "auto":
+        freeze_embeddings = frozen > 0
     if freeze_embeddings:
         text_model.embeddings.requires_grad_(False)
     if freeze_final_layer_norm:

@@ -92,6 +92,9 @@ class DataSection(Section):
     aspect_buckets: bool = Field(False, description="train each image at its nearest aspect ratio")
     bucket_step: int = Field(64, ge=8, description="bucket sides are multiples of this")
     max_aspect: float = Field(2.5, ge=1, description="the widest bucket's width/height (and tallest's h/w)")
+    bucket_set: Literal["wb", "ed2"] = Field(
+        "wb", description="ed2: EveryDream2's table of buckets for the resolution (up to 4:1) instead"
+    )
     toy: ToyDataSection = ToyDataSection()
     flip_p: float = Field(0.0, ge=0, le=1)
     cond_dropout: float = Field(0.0, ge=0, le=1, description="chance a caption is replaced by ''")
@@ -102,6 +105,10 @@ class DataSection(Section):
         0.0, ge=0, lt=1, description="chance each tag after keep_tokens is left out (kohya's option)"
     )
     workers: int = Field(0, ge=0, description="DataLoader worker processes decoding images")
+    random_crop: bool = Field(False, description="crop at a random place, not the center, each visit")
+    cache_latents: Literal["off", "memory", "disk"] = Field(
+        "off", description="encode each image with the VAE once (see docs/train.md): memory or disk"
+    )
 
     @model_validator(mode="after")
     def _toy_only(self):
@@ -116,10 +123,23 @@ class DataSection(Section):
                    "caption_tag_dropout_rate")  # fmt: skip
         if self.caption_extension is not None and not self.caption_extension.strip(". "):
             raise ValueError("caption_extension: give an extension such as .txt or .caption")
-        _only_when(self, ("bucket_step", "max_aspect"), self.aspect_buckets, "only used with aspect_buckets")
+        _only_when(
+            self,
+            ("bucket_step", "max_aspect", "bucket_set"),
+            self.aspect_buckets,
+            "only used with aspect_buckets",
+        )
+        _only_when(self, ("bucket_step", "max_aspect"), self.bucket_set == "wb", "not used by bucket_set ed2")
+        if self.random_crop and self.root == TOY_DATA:
+            raise ValueError(f"random_crop: {TOY_DATA} images are drawn at the training size, uncropped")
+        if self.random_crop and self.cache_latents != "off":
+            raise ValueError(
+                f"cache_latents: {self.cache_latents} caches one crop of each image, but random_crop "
+                "takes a new one at every visit; set data.cache_latents: off or data.random_crop: false"
+            )
         if self.aspect_buckets and self.root == TOY_DATA:
             raise ValueError(f"aspect_buckets: {TOY_DATA} images are all square")
-        if self.aspect_buckets and self.resolution % self.bucket_step:
+        if self.aspect_buckets and self.bucket_set == "wb" and self.resolution % self.bucket_step:
             raise ValueError(
                 f"bucket_step: resolution {self.resolution} is not a multiple of {self.bucket_step}"
             )
@@ -129,8 +149,14 @@ class DataSection(Section):
 class ValidationSection(Section):
     enabled: bool = True
     split: float = Field(0.15, gt=0, lt=1, description="share of the data held out, fixed by seed")
+    split_round_up: bool = Field(
+        False, description="hold out ceil(split x n) examples (EveryDream2), not round"
+    )
+    root: str | None = Field(None, description="a folder of validation images instead of a split of the data")
     seed: int = 555
-    every_n_epochs: int | None = Field(1, ge=1)
+    every_n_epochs: float | None = Field(
+        1, gt=0, description="evaluate every N epochs; under 1, 1/N times per epoch (0.5: twice)"
+    )
     every_n_steps: int | None = Field(None, ge=1)
     at_start: bool = Field(True, description="evaluate once before the first step: the baseline")
     timesteps: list[int] = Field([200, 400, 600, 800], min_length=1)
@@ -229,11 +255,19 @@ class OptimizerSection(OptimizerOverrides):
         return OptimizerSettings(name=name, lr=float(pick("lr")), options=options)
 
 
-class ScheduleSection(Section):
+class ScheduleFields(Section):
     name: ScheduleName = "constant"
     warmup_steps: int = Field(0, ge=0)
     warmup_ratio: float = Field(0.0, ge=0, lt=1, description="warmup as a share of the run's steps (kohya %)")
     decay_steps: int | None = Field(None, ge=1, description="steps the decay spans (default: the whole run)")
+    decay_run_multiple: float | None = Field(
+        None,
+        gt=0,
+        description="instead of decay_steps: decay over int(run's steps x this) (EveryDream2: 1.5)",
+    )
+    warmup_decay_divisor: int | None = Field(
+        None, ge=1, description="instead of warmup_steps: warm up over decay steps // this (EveryDream2: 50)"
+    )
     num_cycles: int = Field(1, ge=1, description="cosine_with_restarts: number of hard restarts")
     power: float = Field(1.0, gt=0, description="polynomial: power of the decay")
     end_ratio: float = Field(0.0, ge=0, lt=1, description="polynomial: final lr as a share of lr")
@@ -244,11 +278,20 @@ class ScheduleSection(Section):
     def _applicable(self):
         warm = ("constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
         unused = f"not used by the {self.name} schedule"
-        _only_when(self, ("warmup_steps", "warmup_ratio"), self.name in warm, unused)
+        _only_when(self, ("warmup_steps", "warmup_ratio", "warmup_decay_divisor"), self.name in warm, unused)
         if self.warmup_steps and self.warmup_ratio:
             raise ValueError("warmup_ratio: set warmup_steps or warmup_ratio, not both")
+        if self.warmup_ratio and self.warmup_decay_divisor is not None:
+            raise ValueError("warmup_decay_divisor: set warmup_ratio or warmup_decay_divisor, not both")
         decays = ("linear", "cosine", "cosine_with_restarts", "polynomial", "linear_ramp")
-        _only_when(self, ("decay_steps",), self.name in decays, f"not used by the {self.name} schedule")
+        uses_decay = self.name in decays or self.warmup_decay_divisor is not None
+        _only_when(
+            self, ("decay_steps", "decay_run_multiple"), uses_decay, f"not used by the {self.name} schedule"
+        )
+        if self.decay_steps is not None and self.decay_run_multiple is not None:
+            raise ValueError("decay_run_multiple: set decay_steps or decay_run_multiple, not both")
+        if self.warmup_steps and self.warmup_decay_divisor is not None:
+            raise ValueError("warmup_decay_divisor: set warmup_steps or warmup_decay_divisor, not both")
         _only_when(
             self, ("num_cycles",), self.name == "cosine_with_restarts", "only used by cosine_with_restarts"
         )
@@ -259,6 +302,37 @@ class ScheduleSection(Section):
             raise ValueError(f"half_cycle_steps: required by the {self.name} schedule")
         return self
 
+    def decay_for(self, total_steps: int) -> int:
+        """The steps the decay spans in a run of `total_steps` optimizer steps."""
+        if self.decay_steps is not None:
+            return self.decay_steps
+        if self.decay_run_multiple is not None:
+            return max(1, int(total_steps * self.decay_run_multiple))
+        return max(1, total_steps)
+
+    def warmup_for(self, total_steps: int) -> int:
+        if self.warmup_decay_divisor is not None:
+            return self.decay_for(total_steps) // self.warmup_decay_divisor
+        return self.warmup_steps or round(self.warmup_ratio * total_steps)
+
+
+class ScheduleSection(ScheduleFields):
+    text_encoder: ScheduleFields | None = Field(
+        None, description="the text encoder's own schedule (every field); null: the same as the UNet's"
+    )
+
+    text_encoder_2: ScheduleFields | None = Field(
+        None, description="SDXL's second text encoder's own schedule; null: the same as text_encoder's"
+    )
+
+    def for_component(self, component: str) -> ScheduleFields:
+        """The schedule of "unet", "text_encoder" or "text_encoder_2" (SDXL: null inherits TE1's)."""
+        if component == "text_encoder_2" and self.text_encoder_2 is not None:
+            return self.text_encoder_2
+        if component in ("text_encoder", "text_encoder_2") and self.text_encoder is not None:
+            return self.text_encoder
+        return self
+
 
 # --- what trains, and how -----------------------------------------------------------------------
 
@@ -266,8 +340,20 @@ class ScheduleSection(Section):
 class TextEncoderSection(Section):
     train: bool = True
     unfreeze_last_n_layers: int | None = Field(None, ge=0, description="null: all layers train")
-    freeze_embeddings: bool = False
+    freeze_first_n_layers: int | None = Field(
+        None, ge=0, description="instead of unfreeze_last_n_layers: freeze the first N layers"
+    )
+    freeze_embeddings: bool | Literal["auto"] = Field(
+        False, description="auto: frozen when some layer is frozen (EveryDream2's rule)"
+    )
     freeze_final_layer_norm: bool = False
+    clip_grad_norm: float | None = Field(None, gt=0, description="clip the text encoder's own gradient norm")
+
+    @model_validator(mode="after")
+    def _one_way(self):
+        if self.unfreeze_last_n_layers is not None and self.freeze_first_n_layers is not None:
+            raise ValueError("freeze_first_n_layers: set it or unfreeze_last_n_layers, not both")
+        return self
 
 
 class TextEncoder2Section(Section):
@@ -275,16 +361,30 @@ class TextEncoder2Section(Section):
 
     train: bool | None = None
     unfreeze_last_n_layers: int | None = Field(None, ge=0)
-    freeze_embeddings: bool | None = None
+    freeze_first_n_layers: int | None = Field(None, ge=0)
+    freeze_embeddings: bool | Literal["auto"] | None = None
     freeze_final_layer_norm: bool | None = None
+    clip_grad_norm: float | None = Field(None, gt=0, description="TE2's own gradient norm (null: TE1's)")
+
+    @model_validator(mode="after")
+    def _one_way(self):
+        if self.unfreeze_last_n_layers is not None and self.freeze_first_n_layers is not None:
+            raise ValueError("freeze_first_n_layers: set it or unfreeze_last_n_layers, not both")
+        return self
 
     def resolved(self, te1: TextEncoderSection) -> TextEncoderSection:
         fields = {k: getattr(self, k) for k in type(self).model_fields if getattr(self, k) is not None}
+        # the layer count is set one way or the other: TE2's choice replaces TE1's, not adds to it
+        if "unfreeze_last_n_layers" in fields:
+            fields["freeze_first_n_layers"] = None
+        if "freeze_first_n_layers" in fields:
+            fields["unfreeze_last_n_layers"] = None
         return te1.model_copy(update=fields)
 
 
 class UnetSection(Section):
     train: bool = True
+    clip_grad_norm: float | None = Field(None, gt=0, description="clip the UNet's own gradient norm")
 
 
 class NetworkSection(Section):
@@ -346,7 +446,20 @@ class TrainingSection(Section):
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
     gradient_checkpointing: bool = False
     seed: int = 555
-    clip_grad_norm: float | None = Field(None, gt=0)
+    clip_grad_norm: float | None = Field(None, gt=0, description="one norm over everything trained")
+    loss: Literal["mse", "huber", "mse_huber", "huber_mse", "pseudo_huber", "smooth_l1"] = Field(
+        "mse",
+        description="huber: Huber (delta 1); mse_huber: MSE x t/1000 + Huber x (1 - t/1000), as EveryDream2; "
+        "pseudo_huber / smooth_l1: kohya's huber / smooth_l1 with huber_c",
+    )
+    huber_c: float = Field(0.1, gt=0, description="pseudo_huber / smooth_l1 (kohya's): the threshold c")
+    huber_schedule: Literal["snr", "exponential", "constant"] = Field(
+        "snr", description="pseudo_huber / smooth_l1: how c varies with the timestep (kohya's)"
+    )
+    huber_scale: float = Field(1.0, gt=0, description="pseudo_huber / smooth_l1: exponential/constant scale")
+    clip_skip: int = Field(
+        1, ge=0, le=12, description="A1111 units: 1 (or 0) the last layer, 2 the penultimate"
+    )
     zero_frequency_noise_ratio: float = Field(0.0, ge=0, description="offset noise added per channel")
     min_snr_gamma: float | None = Field(None, gt=0)
     timestep_min: int = Field(0, ge=0, le=999)
@@ -358,6 +471,7 @@ class TrainingSection(Section):
     )
     ema_every_n_steps: int = Field(1, ge=1, description="optimizer steps between EMA updates")
     ema_device: Literal["auto", "cpu"] = Field("auto", description="cpu keeps the EMA off the GPU")
+    ema_warmup: bool = Field(True, description="ramp the EMA decay in: min(decay, (1 + t) / (10 + t))")
 
     @model_validator(mode="after")
     def _length(self):
@@ -365,6 +479,9 @@ class TrainingSection(Section):
             raise ValueError("max_steps: set training.max_epochs or training.max_steps (or both)")
         if self.ema_decay is not None and self.ema_strength_target is not None:
             raise ValueError("ema_strength_target: set ema_decay or ema_strength_target, not both")
+        kohya = self.loss in ("pseudo_huber", "smooth_l1")
+        huber = ("huber_c", "huber_schedule", "huber_scale")
+        _only_when(self, huber, kohya, "only used by pseudo_huber/smooth_l1")
         if self.timestep_min > self.timestep_max:
             raise ValueError(f"timestep_min: {self.timestep_min} is above timestep_max {self.timestep_max}")
         return self
@@ -457,7 +574,15 @@ class Recipe(Section):
     def sets_text_encoder_2(self) -> bool:
         """Whether the recipe says anything about a second text encoder (only SDXL has one)."""
         sections = (self.text_encoder_2, self.optimizer.text_encoder_2)
-        return any(getattr(s, k) is not None for s in sections for k in type(s).model_fields)
+        return self.schedule.text_encoder_2 is not None or any(
+            getattr(s, k) is not None for s in sections for k in type(s).model_fields
+        )
+
+    def clip_grad_norm_of(self, component: str) -> float | None:
+        """The component's own clip_grad_norm (unet, text_encoder, or text_encoder_2 inheriting TE1's)."""
+        if component == "unet":
+            return self.unet.clip_grad_norm
+        return self.text_encoder_section(component).clip_grad_norm
 
     def to_dict(self) -> dict:
         return self.model_dump(mode="json")

@@ -1,7 +1,11 @@
 """Learning-rate schedules, stepped once per OPTIMIZER step (never per micro-batch).
 
-Each is a LambdaLR: the lr used by optimizer step i (0-based) is `lr * factor(i)`. Because each
-component has its own optimizer, each gets its own scheduler with the same shape and its own lr.
+Each is a LambdaLR: the lr used by optimizer step i (0-based) is `lr * factor(i)`. Each component
+has its own optimizer and its own scheduler: the same shape unless `schedule.text_encoder` gives the
+text encoder its own (EveryDream2's text_encoder_overrides do).
+
+decay_steps defaults to the whole run; `decay_run_multiple` m makes it int(total_steps * m), and
+`warmup_decay_divisor` d makes the warmup decay // d (EveryDream2's defaults: m 1.5, d 50).
 
 - constant, constant_with_warmup, linear, cosine, cosine_with_restarts: diffusers' get_scheduler,
   with its conventions (warmup rises from 0, so step 0 of a warmup has lr 0; linear and cosine
@@ -24,7 +28,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-    from workbench.train.recipe import ScheduleSection
+    from workbench.train.recipe import ScheduleFields
 
 
 def linear_ramp_factor(total_steps: int) -> Callable[[int], float]:
@@ -47,15 +51,16 @@ def triangular_factor(half_cycle_steps: int, min_lr_ratio: float, halving: bool)
 
 
 def build_scheduler(
-    optimizer: torch.optim.Optimizer, schedule: ScheduleSection, total_steps: int
+    optimizer: torch.optim.Optimizer, schedule: ScheduleFields, total_steps: int
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """The scheduler for one optimizer; `total_steps` is the run's number of optimizer steps."""
+    """The scheduler for one optimizer; `total_steps` is the run's number of optimizer steps.
+    `schedule` is one component's (`recipe.schedule.for_component(c)`)."""
     from diffusers.optimization import get_polynomial_decay_schedule_with_warmup, get_scheduler
     from torch.optim.lr_scheduler import LambdaLR
 
     name = schedule.name
-    decay = schedule.decay_steps or total_steps
-    warmup = schedule.warmup_steps or round(schedule.warmup_ratio * total_steps)
+    decay = schedule.decay_for(total_steps)
+    warmup = schedule.warmup_for(total_steps)
     if name == "linear_ramp":
         return LambdaLR(optimizer, linear_ramp_factor(decay))
     if name in ("triangular", "triangular2"):

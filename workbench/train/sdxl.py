@@ -23,13 +23,18 @@ def time_ids(original: tuple[int, int], crop: tuple[int, int], target: tuple[int
     return torch.tensor([oh, ow, top, left, th, tw], dtype=torch.float32)
 
 
-def cover_crop(original: tuple[int, int], target: tuple[int, int]) -> tuple[int, int]:
-    """(left, top) of the center crop `data.load_image` takes after resizing an image of
-    `original` (width, height) to cover `target`: the same arithmetic, without reading pixels."""
+def cover_crop(
+    original: tuple[int, int], target: tuple[int, int], crop: tuple[float, float] | None = None
+) -> tuple[int, int]:
+    """(left, top) of the crop `data.load_image` takes after resizing an image of `original`
+    (width, height) to cover `target`: the center crop, or `crop` (data.random_crop's placement);
+    the same arithmetic, without reading pixels."""
     (w, h), (width, height) = original, target
     scale = max(width / w, height / h)
     if scale != 1:
         w, h = max(width, round(w * scale)), max(height, round(h * scale))
+    if crop is not None:
+        return int((w - width + 1) * crop[0]), int((h - height + 1) * crop[1])
     return (w - width) // 2, (h - height) // 2
 
 

@@ -13,6 +13,7 @@ import torch
 
 from workbench.errors import WorkbenchError
 from workbench.train.diffusion import Models, noise_scheduler_for
+from workbench.train.distributed import world_record
 from workbench.train.optimizers import freeze_text_encoder, trainable
 from workbench.train.recipe import TOY_MODEL, Recipe
 from workbench.train.runs import device_info, package_versions
@@ -43,7 +44,7 @@ def run_record(recipe, source, base_path, spec, settings, optimizers, params, mo
         "versions": package_versions(),
         "device": {
             **device_info(accelerator.device),
-            "processes": accelerator.num_processes,
+            **world_record(accelerator),  # processes, world_size, distributed_type, backend
             "mixed_precision": accelerator.mixed_precision,
         },
     }
@@ -103,7 +104,12 @@ def load_model(recipe: Recipe, run_dir: Path, device, resume: bool = False):
         if spec.layout != "sdxl" and recipe.sets_text_encoder_2():
             raise WorkbenchError(
                 f"text_encoder_2: {base_path} is an {spec.layout} model, with one text encoder "
-                "(text_encoder_2 and optimizer.text_encoder_2 are for SDXL)"
+                "(text_encoder_2, optimizer.text_encoder_2 and schedule.text_encoder_2 are for SDXL)"
+            )
+        if spec.layout == "sdxl" and recipe.training.clip_skip > 1:
+            raise WorkbenchError(
+                f"training.clip_skip: {base_path} is an sdxl model, whose conditioning is fixed "
+                "(TE1's and TE2's penultimate layers); clip skip applies to sd1/sd2 models"
             )
         if spec.layout == "sdxl" and "diffusers" in recipe.saving.format:
             raise WorkbenchError(
@@ -121,6 +127,7 @@ def load_model(recipe: Recipe, run_dir: Path, device, resume: bool = False):
         scaling_factor=float(spec.configs["vae"].get("scaling_factor", 0.18215)),
         text_encoder_2=modules.get("text_encoder_2") if sdxl else None,
         tokenizer_2=clip_tokenizer("!") if sdxl else None,  # OpenCLIP pads with "!" (as diffusers' SDXL)
+        clip_skip=recipe.training.clip_skip,
     )
     return base_path, models, spec, metadata
 
@@ -186,9 +193,7 @@ def param_names(models: Models, params: dict, network=None) -> dict[str, list[st
     """The names of each component's trained parameters, in the order of `params`."""
     if network is not None:
         return network.param_names()
-    return {
-        c: [n for n, p in getattr(models, c).named_parameters() if p.requires_grad] for c in params
-    }
+    return {c: [n for n, p in getattr(models, c).named_parameters() if p.requires_grad] for c in params}
 
 
 def check_resolution(data, configs: dict) -> None:
@@ -220,7 +225,7 @@ def set_trainable(models: Models, recipe: Recipe) -> dict[str, list[torch.nn.Par
         if recipe.trains(component):
             freeze_text_encoder(
                 getattr(models, component), te.unfreeze_last_n_layers, te.freeze_embeddings,
-                te.freeze_final_layer_norm,
+                te.freeze_final_layer_norm, te.freeze_first_n_layers,
             )  # fmt: skip
     params = {c: trainable(getattr(models, c)) for c in components_of(models) if recipe.trains(c)}
     for te in ("text_encoder", "text_encoder_2"):
