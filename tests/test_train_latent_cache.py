@@ -152,7 +152,7 @@ def test_per_folder_flip_p_and_repeats_share_their_entries(tmp_path, vae):
 def test_an_image_unreadable_when_caching_gets_its_substitutes_latent(tmp_path, vae, monkeypatch):
     """As without a cache (data.py), an image broken after the scan trains as the next image of its
     size, caption included; the warning names both."""
-    monkeypatch.setenv("WB_CACHE_DIR", str(tmp_path / "cache"))  # our own: the session-wide one may hold b.png
+    monkeypatch.setenv("WB_CACHE_DIR", str(tmp_path / "cache"))  # session-wide may hold b.png
     root = tmp_path / "pics"
     root.mkdir()
     paint(root / "a.png", (250, 0, 0))
