@@ -375,9 +375,9 @@ class TextEncoder2Section(Section):
     def resolved(self, te1: TextEncoderSection) -> TextEncoderSection:
         fields = {k: getattr(self, k) for k in type(self).model_fields if getattr(self, k) is not None}
         # the layer count is set one way or the other: TE2's choice replaces TE1's, not adds to it
-        if "unfreeze_last_n_layers" in fields:
+        if self.unfreeze_last_n_layers is not None:
             fields["freeze_first_n_layers"] = None
-        if "freeze_first_n_layers" in fields:
+        if self.freeze_first_n_layers is not None:
             fields["unfreeze_last_n_layers"] = None
         return te1.model_copy(update=fields)
 
