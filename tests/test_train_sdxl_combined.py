@@ -157,3 +157,48 @@ def test_random_crop_time_ids_name_the_crop_taken(tmp_path):
         assert item["time_ids"].tolist() == [64, 128, 0, left, 64, 64]
         lefts.add(left)
     assert len(lefts) > 2
+
+
+def test_sdxl_in_two_processes_trains_like_one(base, tmp_path):
+    """SDXL draws its noise through the global batch as SD1 does (distributed.Draws), and each
+    process's time ids travel with its shard: 2 processes x batch 2 end where 1 x batch 4 does, to
+    float rounding (tolerance: see test_train_distributed.test_two_processes_train_like_one)."""
+    from workbench.train.distributed import launch
+
+    def xl(batch_size):
+        return recipe(base, training={"max_steps": 3, "batch_size": batch_size, "seed": 5},
+                      optimizer={"eps": 1e-4, "text_encoder_2": {"lr": 2e-4}})  # fmt: skip
+
+    one = loop.train(xl(4), tmp_path / "one")
+    two = launch(loop.train, (xl(2), tmp_path / "two"), 2, timeout=240, start_method="fork")
+    assert two.steps == 3 and two.stopped is None
+    a, b = tensors(one.checkpoints[-1]), tensors(two.checkpoints[-1])
+    moved = max(float((a[k] - v).abs().max()) for k, v in tensors(base).items())
+    assert moved > 5e-4 and a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-6, rtol=1e-6, msg=k)
+    assert two.last_loss == pytest.approx(one.last_loss, rel=1e-5)
+
+
+def test_clip_skip_in_two_processes_trains_like_one(tmp_path):
+    """Clip skip 2 leaves the text encoder's last layer without a gradient: DDP is told so, and
+    that layer stays put in 2 processes as in 1."""
+    from workbench.toy.model import toy_init
+    from workbench.train.distributed import launch
+
+    sd1 = toy_init(tmp_path / "sd1.safetensors", seed=2)
+
+    def run(batch_size):
+        training = {"max_steps": 3, "batch_size": batch_size, "seed": 5, "clip_skip": 2}
+        optimizer = {"eps": 1e-4, "text_encoder_2": {}}
+        return recipe(sd1, data={"resolution": 32}, optimizer=optimizer, training=training)
+
+    one = loop.train(run(4), tmp_path / "one")
+    two = launch(loop.train, (run(2), tmp_path / "two"), 2, timeout=240, start_method="fork")
+    a, b, start = tensors(one.checkpoints[-1]), tensors(two.checkpoints[-1]), tensors(sd1)
+    last = "cond_stage_model.transformer.text_model.encoder.layers.4."  # the toy's last of 5
+    assert any(k.startswith(last) for k in a)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-6, rtol=1e-6, msg=k)
+        if k.startswith(last):
+            assert torch.equal(a[k], start[k]), k  # no gradient reaches it

@@ -61,6 +61,7 @@ from workbench.train.resume import load_state, state_dir
 from workbench.train.runs import MetricsLog, write_loss_plot, write_run_record
 from workbench.train.schedules import build_scheduler, current_lr
 from workbench.train.setup import (
+    allow_unused_parameters,
     check_base_unchanged,
     check_resolution,
     load_model,
@@ -210,6 +211,7 @@ def train(
 
     # accelerate wraps what trains (DDP, autocast) and shards the data; `models` keeps the plain
     # modules, which validation, sampling and saving use.
+    allow_unused_parameters(accelerator, models, recipe)
     trained = {c: accelerator.prepare(getattr(models, c)) for c in params}
     optimizers = {c: accelerator.prepare(o) for c, o in optimizers.items()}
     if accelerator.num_processes == 1:

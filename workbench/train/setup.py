@@ -208,6 +208,16 @@ def check_resolution(data, configs: dict) -> None:
         )
 
 
+def allow_unused_parameters(accelerator, models: Models, recipe: Recipe) -> None:
+    """Tell DDP (several processes) that some trained parameters get no gradient: the text encoder
+    layers past the conditioning's (SDXL's TE1 stops at its penultimate layer, clip skip n at its
+    n-th last). Unused everywhere, they keep no gradient and stay put, as in one process."""
+    if accelerator.num_processes > 1 and (models.text_encoder_2 is not None or recipe.training.clip_skip > 1):
+        from accelerate.utils import DistributedDataParallelKwargs
+
+        accelerator.ddp_handler = DistributedDataParallelKwargs(find_unused_parameters=True)
+
+
 def components_of(models: Models) -> tuple[str, ...]:
     """The trainable components the model has: SDXL adds text_encoder_2."""
     return COMPONENTS + (("text_encoder_2",) if models.text_encoder_2 is not None else ())
