@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/grid_bench.py [--steps 3] [--repeats 3] [--threads 1]
     .venv/bin/python bench/grid_bench.py --ckpts a.safetensors,b.safetensors --prompts 2 --repeats 1
+    .venv/bin/python bench/grid_bench.py --lora [--steps 3]      # a LoRA weight switch vs one cell
 
 The grid: 4 toy checkpoints x 4 prompts x 2 seeds = 32 cells, 64 px, Euler a, CFG 7 (or the
 checkpoints given with --ckpts, e.g. SD1.5-size files from bench/make_sd15.py).
@@ -135,6 +136,64 @@ def fastest(runs: list[dict[str, float]], clock: str) -> dict[str, float]:
     return min(runs, key=lambda r: r[clock])
 
 
+def lora_switch(steps: int, repeats: int) -> None:
+    """`--lora`: what switching a LoRA's weight costs in a grid, against rendering one cell (toy).
+
+    One toy pipeline and a LoCon (rank 16, UNet attention + convs + text encoder, every module kohya
+    adapts); the grid's LoraState switches weight 0.5 -> 1.0 -> 0.5 ... (TE and UNet: every touched
+    module is recomputed from its original) and renders one cell (CFG 7, 64 px) between switches,
+    as `--lora-weight` cells do; the switch includes re-encoding the prompt (the TE changed).
+    Process CPU time, fastest of `repeats` x 5. Target: a
+    switch costs at most 10% of a cell."""
+    import torch
+
+    from workbench.grids.lora_apply import LoraState
+    from workbench.grids.plan import GridRequest, make_plan
+    from workbench.grids.render import PromptCache, sample_batch
+    from workbench.lora.synthetic import synthetic_lora
+    from workbench.pipeline import build_pipeline
+    from workbench.toy.model import toy_init
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        os.environ["WB_CACHE_DIR"] = str(folder / "cache")
+        base = toy_init(folder / "base.safetensors", seed=0)
+        lora = synthetic_lora(folder / "style.safetensors", base, rank=16, alpha=16.0)
+        plan = make_plan(GridRequest(checkpoints=[base], prompts=PROMPTS[:1], seeds=[1], steps=[steps],
+                                     width=64, height=64))  # fmt: skip
+        cell = plan.cells[0]
+        pipe = build_pipeline(base)
+        pipe.set_progress_bar_config(disable=True)
+        prompts, state = PromptCache(pipe, "cpu"), LoraState(pipe, base)
+        switch, render = [], []
+        for i in range(repeats * 5 + 1):
+            c0 = time.process_time()
+            w = 0.5 + 0.5 * (i % 2)  # as `--lora-weight` cells: <lora:style:w>, TE and UNet at w
+            if state.apply(((str(lora), w, w),)):
+                prompts.clear()
+            with torch.inference_mode():
+                prompts.get(cell.prompt), prompts.get(cell.negative, negative=True)
+            c1 = time.process_time()
+            with torch.inference_mode():
+                sample_batch(pipe, [cell], _scheduler_config(base), "cpu", torch.float32, prompts)
+            c2 = time.process_time()
+            if i:  # the first switch also opens the file and binds it: warm-up
+                switch.append(c1 - c0)
+                render.append(c2 - c1)
+        touched = sum(t.numel() for t in state.backup.values())
+    s, r = min(switch), min(render)
+    verdict = "OK" if s <= 0.1 * r else "MISSED"
+    print(f"LoRA weight switch: {s * 1000:.1f} ms CPU ({touched:,} weights touched); one cell "
+          f"({steps} steps, CFG 7, 64 px): {r * 1000:.1f} ms CPU; switch/cell {s / r:.1%} "
+          f"(target <= 10%: {verdict})")  # fmt: skip
+
+
+def _scheduler_config(checkpoint: Path) -> dict:
+    from workbench.grids.render import configs_and_scheduler
+
+    return configs_and_scheduler(checkpoint)[1]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=3)
@@ -146,6 +205,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--prompts", type=int, default=len(PROMPTS), help=f"how many prompts (1-{len(PROMPTS)})"
     )
+    parser.add_argument("--lora", action="store_true", help="measure a LoRA weight switch against one cell")
     args = parser.parse_args(argv)
 
     import torch
@@ -157,6 +217,8 @@ def main(argv: list[str] | None = None) -> None:
     from diffusers.utils import logging as diffusers_logging
 
     diffusers_logging.disable_progress_bar()  # from_single_file's "Loading pipeline components"
+    if args.lora:
+        return lora_switch(args.steps, args.repeats)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         os.environ["WB_CACHE_DIR"] = str(folder / "cache")  # leave the user's hash cache alone

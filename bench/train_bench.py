@@ -51,8 +51,9 @@ def rate(times: list[float], warmup: int) -> float:
 
 
 def run_wb(
-    base: str, steps: int, warmup: int, out: Path, optimizer: str = "adamw", gpu: bool = False
-) -> dict:
+    base: str, steps: int, warmup: int, out: Path, optimizer: str = "adamw", gpu: bool = False,
+    network_dim: int = 0,
+) -> dict:  # fmt: skip
     from workbench.train.loop import train
     from workbench.train.recipe import parse_recipe
     from workbench.train.runs import read_metrics
@@ -76,17 +77,23 @@ def run_wb(
         "saving": {"every_n_epochs": None},
         "logging": {"tensorboard": False, "every_n_steps": 1},
     }
+    if network_dim:  # a LoRA (kohya's default modules, alpha = dim) at ~100x a fine-tune's lr
+        recipe["network"] = {"type": "lora", "dim": network_dim}
+        if optimizer not in ("dadapt_adam", "prodigy"):
+            lrs = (1e-4, 5e-5) if gpu else (100 * LR, 100 * TE_LR)
+            recipe["optimizer"].update(lr=lrs[0], text_encoder={"lr": lrs[1]})
     if gpu:
         import torch
 
         torch.cuda.reset_peak_memory_stats()
-    train(parse_recipe(recipe, "bench"), out)
+    done = train(parse_recipe(recipe, "bench"), out)
     times = [m["time"] for m in read_metrics(out) if "loss/train" in m]
     result = {
-        "loop": "wb",
+        "loop": "wb" + (f" LoRA r{network_dim}" if network_dim else ""),
         "optimizer": optimizer,
         "steps_per_s": rate(times, warmup),
         "peak_rss_mb": peak_rss_mb(),
+        "checkpoint_mb": done.checkpoints[-1].stat().st_size / 2**20 if done.checkpoints else None,
     }
     if gpu:
         import torch
@@ -150,13 +157,16 @@ def child(args) -> None:
 
     warnings.filterwarnings("ignore")
     if args.child == "wb":
-        result = run_wb(args.base, args.steps, args.warmup, Path(args.out), args.optimizer, args.gpu)
+        result = run_wb(args.base, args.steps, args.warmup, Path(args.out), args.optimizer, args.gpu,
+                        args.network_dim)  # fmt: skip
     else:
         result = run_hand(args.base, args.steps, args.warmup)
     print("RESULT " + json.dumps(result), flush=True)
 
 
-def spawn(kind: str, base: str, args, out: Path | None = None, optimizer: str = "adamw") -> dict:
+def spawn(
+    kind: str, base: str, args, out: Path | None = None, optimizer: str = "adamw", network_dim: int = 0
+) -> dict:
     cmd = [
         sys.executable,
         __file__,
@@ -172,6 +182,7 @@ def spawn(kind: str, base: str, args, out: Path | None = None, optimizer: str = 
         optimizer,
     ] + (["--out", str(out)] if out else [])
     cmd += ["--gpu"] if args.gpu else []
+    cmd += ["--network-dim", str(network_dim)] if network_dim else []
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
@@ -258,6 +269,8 @@ def main() -> None:
     ap.add_argument("--base")
     ap.add_argument("--out")
     ap.add_argument("--optimizer", default="adamw")
+    ap.add_argument("--network-dim", type=int, default=0, help="child: train a LoRA of this rank")
+    ap.add_argument("--lora", type=int, default=16, help="rank of the LoRA rows (0: none)")
     args = ap.parse_args()
     if args.child:
         return child(args)
@@ -280,9 +293,13 @@ def main() -> None:
 
             base = str(write_sd15(tmp / "sd15.safetensors"))
             rows = [spawn("wb", base, args, tmp / f"run-{o}", o) for o in args.optimizers.split(",")]
+            if args.lora:  # the GPU rows: an SD1.5-size LoRA (rank 32 by default there)
+                rows += [spawn("wb", base, args, tmp / f"lora-{o}", o, args.lora)
+                         for o in args.optimizers.split(",")]  # fmt: skip
             for r in rows:
                 vram = r["peak_vram_gb"]
-                print(f"{r['optimizer']:12s} {r['steps_per_s']:.3f} steps/s  peak VRAM {vram:.1f} GiB")
+                print(f"{r['loop']:12s} {r['optimizer']:12s} {r['steps_per_s']:.3f} steps/s  "
+                      f"peak VRAM {vram:.1f} GiB")  # fmt: skip
             print(json.dumps(rows))
             return
         from workbench.toy.model import toy_init
@@ -303,6 +320,23 @@ def main() -> None:
         print(
             f"wb overhead: {100 * (hand / wb - 1):+.1f}% step time (target < 10%); {setup}, load {load:.1f}"
         )
+        if args.lora:
+            # a rank-`lora` LoRA vs the full fine-tune, same data, batch, seed; interleaved with a
+            # fresh full fine-tune each rep, so machine load hits both alike
+            pairs = []
+            for rep in range(args.reps):
+                lora = spawn("wb", base, args, tmp / f"lora-{rep}", "adamw", args.lora)
+                full = spawn("wb", base, args, tmp / f"full-{rep}")
+                pairs.append((lora, full))
+            sides = (("full", [f for _, f in pairs]), (f"LoRA r{args.lora}", [lo for lo, _ in pairs]))
+            for name, runs in sides:
+                speed = statistics.median(r["steps_per_s"] for r in runs)
+                rss = max(r["peak_rss_mb"] for r in runs)
+                size = runs[0]["checkpoint_mb"]
+                print(f"wb {name:9s} {speed:6.2f} steps/s  peak RSS {rss:.0f} MB  "
+                      f"checkpoint {size:.2f} MiB (fp16)")  # fmt: skip
+            ratio = statistics.median(lo["steps_per_s"] / f["steps_per_s"] for lo, f in pairs)
+            print(f"LoRA r{args.lora} / full fine-tune: {ratio:.2f}x steps/s (median of {args.reps} pairs)")
 
 
 if __name__ == "__main__":

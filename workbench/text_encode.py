@@ -16,11 +16,12 @@ def encode_with_clip_skip(text_encoder, input_ids, clip_skip: int):
     model's final_layer_norm."""
     if clip_skip <= 1:
         return text_encoder(input_ids)[0]
-    layers = text_encoder.config.num_hidden_layers
+    inner = getattr(text_encoder, "module", text_encoder)  # (DDP's wrapper, several processes)
+    layers = inner.config.num_hidden_layers
     if clip_skip > layers:
         from workbench.errors import WorkbenchError
 
         raise WorkbenchError(f"clip skip {clip_skip}: the text encoder has only {layers} layers")
     out = text_encoder(input_ids, output_hidden_states=True)
-    model = getattr(text_encoder, "text_model", text_encoder)  # transformers 5 dropped the .text_model level
+    model = getattr(inner, "text_model", inner)  # transformers 5 dropped the .text_model level
     return model.final_layer_norm(out.hidden_states[-clip_skip])

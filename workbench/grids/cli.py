@@ -17,7 +17,7 @@ from rich.table import Table
 
 from workbench.errors import WorkbenchError
 from workbench.grids.axes import FLAGS, kinds, parse_axis_values, split_csv
-from workbench.grids.plan import POSITIONS, GridRequest, Plan, make_plan
+from workbench.grids.plan import POSITIONS, GridRequest, Plan, make_plan  # (registers the LoRA kinds)
 
 KINDS_HELP = ", ".join(kinds())
 
@@ -56,7 +56,8 @@ def build_request(
     ckpts: str, prompts: Path, seeds: str, cfg: str, steps: str, sampler: str, size: str, negative: str,
     sr: str | None, axes: dict[str, str | None], scheduler: str = "automatic", vae: str = "none",
     clip_skip: str = "1", var_seeds: str = "-1", var_strength: str = "0", prompt_order: str | None = None,
-    notes: list[str] | None = None,
+    notes: list[str] | None = None, loras: str | None = None, lora_weight: str = "1",
+    lora_dirs: list[Path] | None = None,
 ) -> GridRequest:  # fmt: skip
     """The request from the flags' texts; notes about values A1111 would read otherwise go to `notes`."""
     sizes = [parse_size(s) for s in split_csv(size)] or [parse_size(size)]
@@ -69,6 +70,12 @@ def build_request(
              "subseed_strength": var_strength, "size": size}  # fmt: skip
     if sr is not None:
         texts["sr"] = sr
+    extra = {}  # the LoRA axes (kinds registered by grids/lora_apply.py)
+    if loras is not None:
+        extra["lora"] = parse_axis_values("lora", loras, notes)
+    if loras is not None or lora_weight.strip() != "1":
+        extra["lora_weight"] = parse_axis_values("lora_weight", lora_weight, notes)
+        texts["lora_weight"] = lora_weight
 
     def values(kind: str) -> list:
         return parse_axis_values(kind, texts[kind], notes)
@@ -93,6 +100,8 @@ def build_request(
         prompt_order=parse_axis_values("prompt_order", prompt_order, notes) if prompt_order else [],
         sizes=sizes if len(sizes) > 1 else [],
         texts={**texts, **({"prompt_order": prompt_order} if prompt_order else {})},
+        extra=extra,
+        lora_dirs=[Path(os.path.expanduser(d)) for d in lora_dirs or []],
     )
 
 
@@ -182,6 +191,16 @@ def grid(
     sr: str | None = typer.Option(
         None, "--sr", help='Prompt S/R: "search,rep1,rep2"; the first cell keeps the original prompt.'
     ),
+    loras: str | None = typer.Option(
+        None, "--loras", help="LoRA files as an axis, comma-separated; none = without (a.safetensors,none)."
+    ),
+    lora_weight: str = typer.Option(
+        "1", "--lora-weight", help="Strength of the --loras LoRA(s): 0.8 or 0,0.5,1 or 0-1 [5] (an axis)."
+    ),
+    lora_dir: list[Path] = typer.Option(
+        None, "--lora-dir", help="Folder where <lora:NAME:W> prompt tags are found (repeatable; then the "
+        "first checkpoint's folder, then models/Lora)."
+    ),
     x: str | None = typer.Option(None, "--x", help=f"Kind along columns: {KINDS_HELP} (default checkpoint)."),
     y: str | None = typer.Option(None, "--y", help=f"Kind along rows: {KINDS_HELP} (default prompt)."),
     z: str | None = typer.Option(
@@ -225,7 +244,7 @@ def grid(
     notes: list[str] = []
     request = build_request(ckpts, prompts, seeds, cfg, steps, sampler, size, negative, sr,
                             {"x": x, "y": y, "z": z}, scheduler, vae, clip_skip, var_seeds, var_strength,
-                            prompt_order, notes)  # fmt: skip
+                            prompt_order, notes, loras, lora_weight, lora_dir)  # fmt: skip
     plan = make_plan(request, force=force)
     for note in notes:  # after the plan: a refused request prints its one error line and nothing else
         out.print(f"note: {note}", highlight=False, markup=False, soft_wrap=True)

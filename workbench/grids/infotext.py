@@ -15,6 +15,7 @@ from io import StringIO
 from pathlib import Path
 
 from workbench.grids.axes import KIND_REGISTRY, format_number
+from workbench.grids.lora_apply import lora_hashes_field
 from workbench.grids.plan import POSITIONS, Cell, Plan, effective_schedule_label
 from workbench.grids.samplers import resolve
 
@@ -47,6 +48,7 @@ def cell_fields(cell: Cell, model_hash: str | None, vae_hash: str | None = None)
         fields["Variation seed strength"] = format_number(cell.subseed_strength)
     if cell.clip_skip > 1:
         fields["Clip skip"] = cell.clip_skip
+    fields.update(lora_hashes_field(cell.prompt, cell.loras))  # A1111's `Lora hashes: "name: hash"`
     # a diffusers folder has no file hash; A1111 then leaves the key out too
     return {k: v for k, v in fields.items() if v is not None}
 
@@ -70,6 +72,8 @@ def axis_values_text(plan: Plan, position: str) -> str:
         return csv_row([names[v] if v in names else Path(v).name for v in axis.values])
     if axis.kind == "prompt_order":
         return csv_row(list(axis.values[0]))
+    if axis.kind == "lora":  # the names the cells' <lora:NAME:W> tags use
+        return csv_row([v or "none" for v in axis.values])
     return csv_row([format_number(v) if isinstance(v, (int, float)) else str(v) for v in axis.values])
 
 

@@ -25,6 +25,7 @@ from workbench.grids.axes import (
     kinds,
     label_for,
 )
+from workbench.grids.lora_apply import cell_loras, check_cells, lora_plan, with_axis_lora
 from workbench.grids.samplers import effective_schedule, resolve_schedule, scheduler_options, split_sampler
 
 POSITIONS = ("x", "y", "z")
@@ -59,6 +60,9 @@ class GridRequest:
     # own in Cell.extra. A kind with no entry here has the single value None.
     extra: dict[str, list] = field(default_factory=dict)
     sizes: list[tuple[int, int]] = field(default_factory=list)  # several: a size axis (else width x height)
+    # The LoRA axes are registered kinds (grids/lora_apply.py): extra["lora"] holds LoRA files or
+    # "none", extra["lora_weight"] their strengths. These folders are where <lora:NAME> tags are found.
+    lora_dirs: list[Path] = field(default_factory=list)
 
     def values(self, kind: str) -> list:
         if kind in self.extra or kind not in _BUILT_IN:
@@ -109,6 +113,7 @@ class Cell:
     subseed: int = 0
     subseed_strength: float = 0.0
     extra: dict = field(default_factory=dict)  # the values of registered kinds (GridRequest.extra)
+    loras: tuple[tuple[str, float, float], ...] = ()  # (file, te, unet) from the prompt's <lora:> tags
 
     @property
     def file(self) -> str:
@@ -117,7 +122,8 @@ class Cell:
     def batch_key(self) -> tuple:
         """Cells with the same key can be sampled in one pipeline call."""
         extra = tuple((k, repr(v)) for k, v in sorted(self.extra.items()))
-        return (self.steps, self.cfg, self.sampler, self.scheduler, self.width, self.height, extra)
+        return (self.steps, self.cfg, self.sampler, self.scheduler, self.width, self.height, self.loras,
+                extra)  # fmt: skip
 
 
 @dataclass
@@ -141,11 +147,13 @@ class Plan:
         return self.geometry.width * self.geometry.height / 1e6
 
     def render_order(self) -> list[Cell]:
-        """Checkpoint outermost (one load each), then the VAE, then batchable cells, then file order."""
+        """Checkpoint outermost (one load each), then the VAE, then LoRA sets (applied in place:
+        cheap), then batchable cells, then file order."""
         ckpt_rank = {p: i for i, p in enumerate(self.checkpoints)}
         vae_rank = {v: i for i, v in enumerate(dict.fromkeys(c.vae for c in self.cells))}
         return sorted(
-            self.cells, key=lambda c: (ckpt_rank[c.checkpoint], vae_rank[c.vae], c.batch_key(), c.index)
+            self.cells,
+            key=lambda c: (ckpt_rank[c.checkpoint], vae_rank[c.vae], c.loras, c.batch_key(), c.index),
         )
 
     def shape(self) -> tuple[int, int, int]:
@@ -316,6 +324,8 @@ def axis_label(kind: str, value, names: dict) -> str:
         return label_for(kind, value, f"{value[0]}x{value[1]}")
     if kind == "subseed_strength":
         return label_for(kind, value, format_number(value))
+    if kind == "lora":
+        return value or "none"
     return label_for(kind, value)
 
 
@@ -350,8 +360,11 @@ def make_plan(
     seeds, drawn = resolve_seeds(request.seeds, rng)
     subseeds, _ = resolve_seeds(request.subseeds, rng, flag="--var-seeds")
     names = dict(zip(request.checkpoints, checkpoint_names(request.checkpoints), strict=True))
+    lora_names, lookup = lora_plan(request)
     values = {kind: request.values(kind) for kind in (*kinds(), *request.extra)}
     values.update(
+        lora=lora_names,
+        lora_weight=[float(w) for w in request.extra.get("lora_weight", [1.0])],
         seed=seeds,
         subseed=subseeds,
         sr=request.sr or [None],
@@ -368,6 +381,7 @@ def make_plan(
     kind_at = {k: p for p, k in placed.items() if k}
     pairs: dict[tuple[str, str], tuple[str, str]] = {}
     tokens = request.prompt_order[0] if request.prompt_order else ()
+    tag_sets: dict[str, tuple] = {}  # prompt -> its resolved <lora:> tags
 
     cells = []
     for z in range(subgrids):
@@ -388,6 +402,10 @@ def make_plan(
                 prompt, order = pick("prompt"), pick("prompt_order")
                 if order is not None:
                     prompt = reorder_prompt(prompt, order, tokens)
+                prompt = _apply_sr(prompt, search, replacement)
+                prompt = with_axis_lora(prompt, pick("lora"), pick("lora_weight"))
+                if prompt not in tag_sets:
+                    tag_sets[prompt] = cell_loras(prompt, lookup)
                 cells.append(
                     Cell(
                         index=len(cells),
@@ -396,7 +414,7 @@ def make_plan(
                         z=z,
                         checkpoint=ckpt,
                         checkpoint_name=names[ckpt],
-                        prompt=_apply_sr(prompt, search, replacement),
+                        prompt=prompt,
                         negative=_apply_sr(request.negative, search, replacement),
                         seed=pick("seed"),
                         cfg=pick("cfg"),
@@ -410,10 +428,12 @@ def make_plan(
                         subseed=pick("subseed"),
                         subseed_strength=pick("subseed_strength"),
                         extra={k: pick(k) for k in request.extra},
+                        loras=tag_sets[prompt],
                     )  # fmt: skip
                 )
     # The checkpoint order of the axis (or the one checkpoint) is the load order.
     order = list(dict.fromkeys(c.checkpoint for c in cells))
+    check_cells(cells)  # every LoRA fits its checkpoint (headers only), before anything renders
     return Plan(axes=axes, cells=cells, checkpoints=order, geometry=geo, resolved_seeds=drawn)
 
 

@@ -35,6 +35,7 @@ from pathlib import Path
 from PIL import Image
 
 from workbench.errors import WorkbenchError
+from workbench.grids.lora_apply import LoraState, strip_tags
 from workbench.grids.noise import cell_noise
 from workbench.grids.plan import Cell, Plan
 from workbench.grids.samplers import make_scheduler, resolve, resolve_schedule
@@ -169,7 +170,8 @@ class PromptCache:
         """The pipeline's embedding arguments for these cells."""
         import torch
 
-        pos = [self.get(c.prompt, clip_skip=c.clip_skip) for c in cells]
+        # <lora:...> tags are applied to the weights, not encoded (A1111 removes them from the text)
+        pos = [self.get(strip_tags(c.prompt), clip_skip=c.clip_skip) for c in cells]
         neg = [self.get(c.negative, negative=True, clip_skip=c.clip_skip) for c in cells]
         kwargs = {
             "prompt_embeds": torch.cat([e for e, _ in pos]),
@@ -286,7 +288,7 @@ def render_cells(
     images: dict[int, Image.Image] = {}
     reloaded: dict[str, list[str]] = {}
     total = len(plan.cells)
-    pipe, pipe_configs, built, prompts = None, None, 0, None
+    pipe, pipe_configs, built, prompts, loras = None, None, 0, None, None
     report = progress or (lambda done, total, note: None)
 
     for ckpt, group in groupby(plan.render_order(), key=lambda c: c.checkpoint):
@@ -300,8 +302,12 @@ def render_cells(
             pipe.set_progress_bar_config(disable=True)
             pipe_configs, built = configs, built + 1
             prompts = PromptCache(pipe, device, configs["layout"])
+            loras = LoraState(pipe, ckpt)
             reloaded[str(ckpt)] = ["all (new pipeline)"]
         else:
+            if loras.text_encoder_changed:
+                prompts.clear()
+            loras.use_checkpoint(ckpt)  # the originals back before the next checkpoint's weights
             reloaded[str(ckpt)] = load_weights_into(pipe, ckpt)
             if any(name.startswith("text_encoder") for name in reloaded[str(ckpt)]):
                 prompts.clear()
@@ -320,6 +326,10 @@ def render_cells(
                 loading += time.perf_counter() - t0
             for _, same in groupby(same_vae, key=Cell.batch_key):
                 same = list(same)
+                t0 = time.perf_counter()
+                if loras.apply(same[0].loras):  # in place; the text encoders changed: re-encode prompts
+                    prompts.clear()
+                loading += time.perf_counter() - t0
                 for i in range(0, len(same), max(1, batch)):
                     chunk = same[i : i + max(1, batch)]
                     t0, c0 = time.perf_counter(), time.process_time()

@@ -118,6 +118,7 @@ def _grid_json(plan: Plan, hashes: dict[Path, tuple[str | None, str | None]], re
                 "variation_strength": c.subseed_strength,
                 "size": [c.width, c.height],
                 "parameters": by_index[c.index].parameters,
+                "loras": [{"file": f, "te": te, "unet": unet} for f, te, unet in c.loras],
                 "scores": {"burn": round(by_index[c.index].burn, 3), "clip": _round(by_index[c.index].clip)},
             }
             for c in plan.cells

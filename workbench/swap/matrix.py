@@ -171,25 +171,45 @@ def swap_matrix(
     total = n * n * len(pairs)
     report_progress = progress or (lambda done, total, note: None)
 
+    # <lora:NAME:W> tags in the prompts: looked up beside the base (then models/Lora), checked
+    # against every checkpoint before anything renders, applied in place on each combination
+    from workbench.grids.lora_apply import LoraLookup, LoraState, cell_loras, check_cells, default_folders
+
+    lookup = LoraLookup({}, default_folders([], paths[0]))
+    lora_sets = {p: cell_loras(p, lookup) for p in prompts}
+    check_cells([Cell(0, 0, 0, 0, path, "", p, "", 0, 0.0, 1, sampler, 8, 8, loras=lora_sets[p])
+                 for path in paths for p in prompts])  # fmt: skip
+
     pipe = build_pipeline(paths[0], dtype=dtype, device=device)
     pipe.set_progress_bar_config(disable=True)
     texts = PromptCache(pipe, device)
+    loras = LoraState(pipe, paths[0])
     images: dict[tuple[int, int, int], Image.Image] = {}
     cells: list[Cell] = []
     for i, unet_path in enumerate(paths):
+        if loras.text_encoder_changed:
+            texts.clear()
+        loras.restore()  # the originals back before other weights come in
         load_weights_into(pipe, unet_path, components=("unet",))
         for j, te_path in enumerate(paths):
             report_progress(len(images), total, f"UNet {names[i]} + TE {names[j]}")
+            if loras.text_encoder_changed:
+                texts.clear()
+            loras.restore()
             if load_weights_into(pipe, te_path, components=TEXT_ENCODERS):
                 texts.clear()
             group = [
                 Cell(index=(i * n + j) * len(pairs) + k, x=j, y=i, z=k, checkpoint=unet_path,
                      checkpoint_name=f"UNet {names[i]} + TE {names[j]}", prompt=prompt, negative=negative,
-                     seed=seed, cfg=cfg, steps=steps, sampler=sampler, width=width, height=height)
+                     seed=seed, cfg=cfg, steps=steps, sampler=sampler, width=width, height=height,
+                     loras=lora_sets[prompt])
                 for k, (prompt, seed) in enumerate(pairs)
             ]  # fmt: skip
-            for start in range(0, len(group), max(1, batch)):
-                chunk = group[start : start + max(1, batch)]
+            by_loras = [[c for c in group if c.loras == s] for s in sorted({c.loras for c in group})]
+            step = max(1, batch)
+            for chunk in [same[k : k + step] for same in by_loras for k in range(0, len(same), step)]:
+                if loras.apply(chunk[0].loras):  # in place (grids/lora_apply.py)
+                    texts.clear()
                 with torch.inference_mode():
                     rendered = sample_batch(pipe, chunk, scheduler_config, device, dtype, texts)
                 for cell, image in zip(chunk, rendered, strict=True):

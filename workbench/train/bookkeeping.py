@@ -76,6 +76,8 @@ class RunState:
         self.position = (0, 0)  # (epoch, micro-batches of it seen)
         self.train_seconds = 0.0
         self.state_path: Path | None = None
+        self.network = None  # a LoRA run's adapters (train/network.py)
+        self.network_run: dict | None = None  # what its files' ss_* metadata says about the run
 
     def restore(self, saved: RunProgress) -> None:
         self.last_loss, self.val_losses = saved.last_loss, list(saved.val_losses)
@@ -198,7 +200,12 @@ class RunState:
         metadata = self._metadata(step, epoch, ema)
         paths = []
         for fmt in s.format:
-            if fmt == "single_file":
+            if self.network is not None:  # a LoRA run writes kohya LoRA files (saving.format: single_file)
+                from workbench.train.network import save_network
+
+                path = self.run_dir / "checkpoints" / f"{stem}.safetensors"
+                save_network(path, self.network, self.network_metadata(step, epoch, ema), s.dtype)
+            elif fmt == "single_file":
                 path = save_checkpoint(self.run_dir / "checkpoints" / f"{stem}.safetensors",
                                        self.models, self.spec, metadata, s.dtype)  # fmt: skip
             else:
@@ -241,11 +248,14 @@ class RunState:
             last_sample_step=self.last_sample_step,
             reason=reason,
         )
-        weights = {
-            f"{c}.{k}": v
-            for c in self.trained_components
-            for k, v in getattr(self.models, c).state_dict().items()
-        }
+        if self.network is not None:  # a LoRA run: the adapters are all that trains
+            weights = {f"network.{k}": v for k, v in self.network.kohya_state().items()}
+        else:
+            weights = {
+                f"{c}.{k}": v
+                for c in self.trained_components
+                for k, v in getattr(self.models, c).state_dict().items()
+            }
         if self.ema is not None:
             weights.update(ema_state(self.ema, self.param_names))
         assert self.generator is not None
@@ -297,6 +307,19 @@ class RunState:
             meta["modelspec.prediction_type"] = "v"  # what makes A1111, ComfyUI and wb sample it as v
         return meta
 
+    def network_metadata(self, step: int, epoch: int, ema: bool = False) -> dict[str, str]:
+        """A LoRA checkpoint's metadata: kohya's ss_* and modelspec keys, and wb's own record."""
+        from workbench.train.network import network_metadata
+
+        wb = self._metadata(step, epoch, ema)
+        run = self.network_run or {}
+        run = {**run, "name": self.name, "step": step, "epoch": epoch + 1, "total_steps": self.total_steps,
+               "title": wb["modelspec.title"]}  # fmt: skip
+        v = self.spec.configs["scheduler"].get("prediction_type") == "v_prediction"
+        meta = network_metadata(self.recipe, self.network.family, run, v_prediction=v)
+        meta.update({k: wb[k] for k in ("wb.made_by", "wb.version", "wb.train")})
+        return meta
+
     def sample(self, step: int, epoch: int, final: bool = False) -> None:
         sp = self.recipe.sampling
         if not sp.prompts or (final and not sp.at_end) or self.last_sample_step == step:
@@ -344,6 +367,8 @@ def save_checkpoint(path: Path, models: Models, spec, metadata: dict[str, str], 
         "vae": state(models.vae),
         "text_encoder": state(models.text_encoder),
     }
+    if models.text_encoder_2 is not None:  # SDXL
+        components["text_encoder_2"] = state(models.text_encoder_2)
     family = spec.layout
     return save_tensors(path, diffusers_to_ldm(components, family, spec.configs), metadata)
 
@@ -356,18 +381,32 @@ def render_samples(models: Models, spec, sampling, size: int, folder: Path, step
 
     config = {k: v for k, v in spec.configs["scheduler"].items() if not k.startswith("_")}
     scheduler = getattr(schedulers_module, spec.configs["scheduler"].get("_class_name", "PNDMScheduler"))
-    pipe = StableDiffusionPipeline(
-        vae=models.vae,
-        text_encoder=models.text_encoder,
-        tokenizer=models.tokenizer,
-        unet=models.unet,
-        scheduler=scheduler.from_config(config),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    if models.text_encoder_2 is not None:
+        from diffusers import StableDiffusionXLPipeline
+
+        pipe = StableDiffusionXLPipeline(
+            vae=models.vae,
+            text_encoder=models.text_encoder,
+            text_encoder_2=models.text_encoder_2,
+            tokenizer=models.tokenizer,
+            tokenizer_2=models.tokenizer_2,
+            unet=models.unet,
+            scheduler=scheduler.from_config(config),
+        )
+    else:
+        pipe = StableDiffusionPipeline(
+            vae=models.vae,
+            text_encoder=models.text_encoder,
+            tokenizer=models.tokenizer,
+            unet=models.unet,
+            scheduler=scheduler.from_config(config),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
     pipe.set_progress_bar_config(disable=True)
-    modes = {m: m.training for m in (models.unet, models.text_encoder)}
+    nets = (models.unet, models.text_encoder, models.text_encoder_2)
+    modes = {m: m.training for m in nets if m is not None}
     folder.mkdir(exist_ok=True)
     paths = []
     try:

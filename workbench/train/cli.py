@@ -104,6 +104,12 @@ def train(
         return
     r, source, imported = _load(recipe, ed2, overrides)
     _print_import_notes(imported)
+    if r.network is not None:
+        from workbench.train.network import alpha_warning
+
+        warning = alpha_warning(r.network)
+        if warning:
+            err.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
     if output is None:
         stem = (recipe or ed2).stem
         output = Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"

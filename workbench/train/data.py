@@ -269,10 +269,14 @@ class CaptionedImages(torch.utils.data.Dataset):
 
             return render_array(example.spec, self.resolution)
         assert example.path is not None
-        crop = None
-        if self.random_crop:  # its own generator: the flip and caption draws stay as they were
-            crop = tuple(np.random.default_rng([self.seed, self.epoch, index, 1]).random(2))
-        return np.array(load_image(example.path, self.sizes[index], crop))  # a writable copy for torch
+        return np.array(load_image(example.path, self.sizes[index], self.crop_of(index)))  # writable
+
+    def crop_of(self, index: int) -> tuple[float, float] | None:
+        """Where data.random_crop places this visit's crop (x, y in [0, 1)); None: the center crop."""
+        if not self.random_crop or self.examples[index].path is None:
+            return None
+        # its own generator: the flip and caption draws stay as they were
+        return tuple(np.random.default_rng([self.seed, self.epoch, index, 1]).random(2))
 
     def pixels(self, index: int) -> torch.Tensor:
         """The example's image as a float tensor (3, H, W) in [-1, 1], unaugmented (WorkbenchError
@@ -319,9 +323,19 @@ class CaptionedImages(torch.utils.data.Dataset):
                 caption = process_tags(caption, rng, keep=keep, shuffle=shuffle, tag_dropout=self.tag_dropout)
                 if rng.random() < cond_dropout:
                     caption = ""
+        sizes = {"time_ids": self.time_ids(used, self.crop_of(used))}  # SDXL's: the crop trained
         if pixels is None:  # the VAE's mean and std of this image (flipped or not)
-            return {**self.latents.lookup(index, bool(flip)), "caption": caption}
-        return {"pixels": pixels.flip(-1) if flip else pixels, "caption": caption}
+            return {**self.latents.lookup(index, bool(flip)), "caption": caption, **sizes}
+        return {"pixels": pixels.flip(-1) if flip else pixels, "caption": caption, **sizes}
+
+    def time_ids(self, index: int, crop: tuple[float, float] | None = None) -> torch.Tensor:
+        """SDXL's size conditions of an example: its original size, the crop (the center crop, or
+        `crop` placed as data.random_crop places it) and its target size."""
+        from workbench.train.sdxl import cover_crop, time_ids
+
+        example, target = self.examples[index], self.sizes[index]
+        original = upright_size(example.path) if example.path is not None else target
+        return time_ids(original, cover_crop(original, target, crop), target)
 
     def _substitute(self, index: int) -> int:
         size = self.sizes[index]
@@ -388,6 +402,7 @@ class EpochSampler(torch.utils.data.Sampler):
 
 
 def collate(items: list[dict]) -> dict:
-    """Stack the tensors (pixels, or cached latent_mean and latent_std), list the captions."""
+    """Stack the tensors (pixels, or cached latent_mean and latent_std; SDXL's time_ids), list the
+    captions."""
     tensors = {k: torch.stack([i[k] for i in items]) for k in items[0] if k != "caption"}
     return {**tensors, "caption": [i["caption"] for i in items]}

@@ -10,6 +10,7 @@ same numbers on every device, and validation can use its own generator that trai
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -28,7 +29,9 @@ class Models:
     tokenizer: object
     noise_scheduler: object  # diffusers DDPMScheduler with the model's beta schedule
     scaling_factor: float
-    clip_skip: int = 1  # the conditioning: A1111 units (see workbench.text_encode)
+    text_encoder_2: torch.nn.Module | None = None  # SDXL's OpenCLIP-bigG (see sdxl.py)
+    tokenizer_2: object = None
+    clip_skip: int = 1  # the conditioning: A1111 units (see workbench.text_encode); SD1/SD2 only
 
 
 def noise_scheduler_for(config: dict):
@@ -59,12 +62,29 @@ def tokenize(tokenizer, captions: list[str], device) -> torch.Tensor:
     return ids.to(device)
 
 
+def tokenize_for(models: Models, captions: list[str], device) -> torch.Tensor:
+    """Token ids for the model: [B, 77], or [B, 2, 77] for SDXL's two text encoders."""
+    if models.text_encoder_2 is not None:
+        from workbench.train.sdxl import tokenize_pair
+
+        return tokenize_pair(models.tokenizer, models.tokenizer_2, captions, device)
+    return tokenize(models.tokenizer, captions, device)
+
+
 def encode_latents(
-    vae, pixels: torch.Tensor, scaling_factor: float, generator: torch.Generator | None = None, eps=None
+    vae,
+    pixels: torch.Tensor,
+    scaling_factor: float,
+    generator: torch.Generator | None = None,
+    eps=None,
+    fp32: bool = False,
 ) -> torch.Tensor:
     """A sample of the VAE's latent distribution (as SD training does): mean + std * eps, with eps
     drawn from `generator` or given (validation draws it per example)."""
-    dist = vae.encode(pixels.to(dtype=next(vae.parameters()).dtype)).latent_dist
+    # fp32 (SDXL's VAE overflows in fp16): the encoder runs in float32, outside any autocast
+    with torch.autocast(pixels.device.type, enabled=False) if fp32 else contextlib.nullcontext():
+        dtype = torch.float32 if fp32 else next(vae.parameters()).dtype
+        dist = vae.encode(pixels.to(dtype=dtype)).latent_dist
     if eps is None:
         eps = torch.randn(dist.mean.shape, generator=generator, dtype=torch.float32)
     latents = dist.mean.float() + dist.std.float() * eps.to(dist.mean.device, torch.float32)
@@ -80,6 +100,7 @@ def denoising_loss(
     min_snr_gamma: float | None = None,
     loss_type: str = "mse",
     huber: tuple[float, str, float] = (0.1, "snr", 1.0),
+    time_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-example loss (shape [B]): MSE between the prediction and the target (noise or v).
 
@@ -99,8 +120,14 @@ def denoising_loss(
     noisy = scheduler.add_noise(latents, noise, timesteps)
     v_prediction = scheduler.config.prediction_type == "v_prediction"
     target = scheduler.get_velocity(latents, noise, timesteps) if v_prediction else noise
-    hidden = encode_with_clip_skip(models.text_encoder, input_ids, models.clip_skip)
-    pred = models.unet(noisy, timesteps, hidden).sample
+    if models.text_encoder_2 is not None:  # SDXL: two encoders, pooled embedding, time ids
+        from workbench.train.sdxl import unet_inputs
+
+        hidden, added = unet_inputs(models, input_ids, time_ids)
+        pred = models.unet(noisy, timesteps, hidden, added_cond_kwargs=added).sample
+    else:
+        hidden = encode_with_clip_skip(models.text_encoder, input_ids, models.clip_skip)
+        pred = models.unet(noisy, timesteps, hidden).sample
     loss = elementwise_loss(pred.float(), target.float(), timesteps, loss_type, scheduler, huber)
     loss = loss.mean(dim=(1, 2, 3))
     if min_snr_gamma is not None:

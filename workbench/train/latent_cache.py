@@ -28,6 +28,7 @@ crop of the image at every visit.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import time
@@ -46,11 +47,18 @@ def latent_sample(models, batch: dict, draws, device) -> torch.Tensor:
         mean = batch["latent_mean"].to(device, torch.float32)
         std = batch["latent_std"].to(device, torch.float32)
     else:
-        vae = models.vae
-        dist = vae.encode(batch["pixels"].to(device, next(vae.parameters()).dtype)).latent_dist
+        vae, fp32 = models.vae, _fp32_vae(models)
+        dtype = torch.float32 if fp32 else next(vae.parameters()).dtype
+        with torch.autocast(torch.device(device).type, enabled=False) if fp32 else contextlib.nullcontext():
+            dist = vae.encode(batch["pixels"].to(device, dtype)).latent_dist
         mean, std = dist.mean.float(), dist.std.float()
     eps = draws.randn(mean.shape)
     return (mean + std * eps.to(mean.device, torch.float32)) * models.scaling_factor
+
+
+def _fp32_vae(models) -> bool:
+    """SDXL's VAE overflows in fp16: it encodes in float32, outside any autocast."""
+    return getattr(models, "text_encoder_2", None) is not None
 
 
 def cache_root() -> Path:
@@ -133,7 +141,8 @@ def build_latent_cache(dataset, models, mode: str, accelerator, batch_size: int 
     as the uncached dataset trains on its substitute."""
     started = time.perf_counter()
     vae = models.vae
-    dtype = next(vae.parameters()).dtype
+    fp32 = _fp32_vae(models)
+    dtype = torch.float32 if fp32 else next(vae.parameters()).dtype
     vae_id = vae_hash(vae)
     hashes: dict[str, str] = {}  # example key -> content hash (copies are hashed once)
 
@@ -153,7 +162,7 @@ def build_latent_cache(dataset, models, mode: str, accelerator, batch_size: int 
         cache.reused = len(todo) - len(missing)
         todo = missing[accelerator.process_index :: accelerator.num_processes]
     for group in _groups(todo, dataset.sizes, batch_size):
-        _encode(cache, dataset, vae, dtype, accelerator, group)
+        _encode(cache, dataset, vae, dtype, accelerator, fp32, group)
     if mode == "disk":
         accelerator.wait_for_everyone()  # every process's share is on disk
     # Entries still missing belong to images that could not be read (every process sees the same):
@@ -163,14 +172,14 @@ def build_latent_cache(dataset, models, mode: str, accelerator, batch_size: int 
             continue
         error = _read_error(dataset, i)
         if error is None:  # (read now: encode it after all)
-            _encode(cache, dataset, vae, dtype, accelerator, [(i, f) for f in keys[i]])
+            _encode(cache, dataset, vae, dtype, accelerator, fp32, [(i, f) for f in keys[i]])
             continue
         other = dataset.substitute(i, error)
         cache.substitutes[i] = other
         keys[i] = keys[other]
         absent = [(other, f) for f, key in keys[other].items() if not cache.has(key)]
         if absent:
-            _encode(cache, dataset, vae, dtype, accelerator, absent)
+            _encode(cache, dataset, vae, dtype, accelerator, fp32, absent)
     cache.seconds = time.perf_counter() - started
     return cache
 
@@ -185,7 +194,9 @@ def _read_error(dataset, index: int):
     return None
 
 
-def _encode(cache: LatentCache, dataset, vae, dtype, accelerator, group: list[tuple[int, bool]]) -> None:
+def _encode(
+    cache: LatentCache, dataset, vae, dtype, accelerator, fp32: bool, group: list[tuple[int, bool]]
+) -> None:
     """Encode the entries of `group` (one size) whose images can be read; skip the others."""
     from workbench.errors import WorkbenchError
 
@@ -201,7 +212,8 @@ def _encode(cache: LatentCache, dataset, vae, dtype, accelerator, group: list[tu
     pixels = torch.stack(images)
     flipped = torch.tensor([f for _, f in rows])
     pixels = torch.where(flipped[:, None, None, None], pixels.flip(-1), pixels)
-    with torch.no_grad(), accelerator.autocast():
+    no_autocast = torch.autocast(accelerator.device.type, enabled=False)
+    with torch.no_grad(), no_autocast if fp32 else accelerator.autocast():
         dist = vae.encode(pixels.to(accelerator.device, dtype)).latent_dist
         mean, std = dist.mean.float().cpu(), dist.std.float().cpu()
     for row, (i, f) in enumerate(rows):

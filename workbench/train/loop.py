@@ -50,10 +50,11 @@ from workbench.train.data import (
     with_repeats,
     write_split,
 )
-from workbench.train.diffusion import Models, denoising_loss, tokenize
+from workbench.train.diffusion import Models, denoising_loss, tokenize_for
 from workbench.train.distributed import Draws, global_loss, reduce_loss, sharded_loader
 from workbench.train.ema import ema_load, ema_start, ema_update
 from workbench.train.latent_cache import build_latent_cache, latent_sample
+from workbench.train.network import check_network_unchanged, network_record, network_run_info, start_network
 from workbench.train.optimizers import build_optimizer
 from workbench.train.recipe import Recipe
 from workbench.train.report import write_run_report
@@ -61,6 +62,7 @@ from workbench.train.resume import load_state, state_dir
 from workbench.train.runs import MetricsLog, write_loss_plot, write_run_record
 from workbench.train.schedules import build_scheduler, current_lr
 from workbench.train.setup import (
+    allow_unused_parameters,
     check_base_unchanged,
     check_resolution,
     load_model,
@@ -149,6 +151,7 @@ def _train(
     saved = load_state(run_dir, accelerator.num_processes) if resume else None
     if resume:
         check_base_unchanged(run_dir)
+        check_network_unchanged(run_dir, recipe)
 
     # --- the model ------------------------------------------------------------------------------
     with accelerator.main_process_first():  # (a toy base is written by the main process)
@@ -205,18 +208,23 @@ def _train(
 
     # --- what trains: frozen parts get requires_grad False and no optimizer ---------------------
     params = set_trainable(models, recipe)
+    network = None
+    if recipe.network is not None:  # a LoRA: the base freezes, only the adapters train (network.py)
+        network, params = start_network(models, spec, recipe, accelerator)
     settings = {c: recipe.optimizer.settings(c) for c in params}
     optimizers = {c: build_optimizer(settings[c], params[c]) for c in params}
     state_weights = saved.weights() if saved is not None else {}  # the interrupted run's fp32 weights
     if saved is not None:
-        load_trained_weights(models, state_weights, params)
+        load_trained_weights(models, state_weights, params, network)
     if tr.gradient_checkpointing:
         models.unet.enable_gradient_checkpointing()
-        if "text_encoder" in params:
-            models.text_encoder.gradient_checkpointing_enable()
+        for te in ("text_encoder", "text_encoder_2"):
+            if te in params:
+                getattr(models, te).gradient_checkpointing_enable()
 
     # accelerate wraps what trains (DDP, autocast) and shards the data; `models` keeps the plain
     # modules, which validation, sampling and saving use.
+    allow_unused_parameters(accelerator, models, recipe)
     trained = {c: accelerator.prepare(getattr(models, c)) for c in params}
     optimizers = {c: accelerator.prepare(o) for c, o in optimizers.items()}
     if accelerator.num_processes == 1:
@@ -239,13 +247,15 @@ def _train(
             params, decay, tr.ema_every_n_steps, "cpu" if tr.ema_device == "cpu" else None, tr.ema_warmup
         )
         if saved is not None:
-            ema_load(ema, param_names(models, params), state_weights, saved.progress.ema_updates)
+            ema_load(ema, param_names(models, params, network), state_weights, saved.progress.ema_updates)
     del state_weights
 
     if main and saved is None:
         record = run_record(
             recipe, source, base_path, spec, settings, optimizers, params, models, accelerator
         )
+        if network is not None:
+            record["network"] = network_record(network, recipe)
         record["data"] = {"root": recipe.data.root, **fingerprint(examples), "train": len(distinct_train),
                           "train_per_epoch": len(train_examples), **data.record(),
                           "validation": len(val_examples), "stabilize_train": len(stable_examples),
@@ -264,13 +274,18 @@ def _train(
     state.steps_per_epoch = steps_per_epoch
     state.checkpointing, state.stop_when = checkpoints, stop_when
     state.optimizers, state.schedulers, state.trained_components = optimizers, schedulers, tuple(params)
-    state.ema, state.param_names = ema, param_names(models, params)
+    state.ema, state.param_names = ema, param_names(models, params, network)
+    state.network = network
+    if network is not None:
+        state.network_run = network_run_info(run_dir, len(train_examples))
 
     # --- the loop ---------------------------------------------------------------------------------
     # Training noise, timesteps and latent samples come from this generator alone (validation has
     # its own); the same on every process, which draws for the global batch and keeps its rows.
     generator = torch.Generator().manual_seed(tr.seed)
     state.generator = generator
+    if network is not None:
+        network.generator = generator  # LoRA dropout masks draw from it (network.py)
     n_epochs = tr.max_epochs or math.ceil(total_steps / steps_per_epoch)
     step, first_epoch, skip, micro_losses, train_time = 0, 0, 0, [], 0.0
     if saved is not None:
@@ -320,8 +335,8 @@ def _train(
                         )
                     if accelerator.sync_gradients:  # each component's own norm (EveryDream2's way)
                         for c, ps in params.items():
-                            if getattr(recipe, c).clip_grad_norm:
-                                accelerator.clip_grad_norm_(ps, getattr(recipe, c).clip_grad_norm)
+                            if recipe.clip_grad_norm_of(c):
+                                accelerator.clip_grad_norm_(ps, recipe.clip_grad_norm_of(c))
                     for optimizer in optimizers.values():
                         optimizer.step()  # accelerate skips the step until the last micro-batch
                         optimizer.zero_grad(set_to_none=True)
@@ -451,15 +466,15 @@ def _batch_loss(
     tr = recipe.training
     draws = Draws(generator, batch.get("shard"))  # (several processes: this shard's rows)
     with torch.no_grad():  # the VAE is never trained
-        latents = latent_sample(models, batch, draws, device)
+        latents = latent_sample(models, batch, draws, device)  # (SDXL: the VAE in fp32)
     b = latents.shape[0]
     noise = draws.randn(latents.shape)
     if tr.zero_frequency_noise_ratio:
         # "offset noise": a per-channel constant lets the model learn overall brightness
         noise = noise + tr.zero_frequency_noise_ratio * draws.randn((b, latents.shape[1], 1, 1))
     timesteps = draws.randint(tr.timestep_min, tr.timestep_max + 1, (b,))
-    ids = tokenize(models.tokenizer, batch["caption"], device)
+    ids = tokenize_for(models, batch["caption"], device)
     return denoising_loss(
         models, latents, ids, noise.to(device, latents.dtype), timesteps.to(device), tr.min_snr_gamma,
-        tr.loss, (tr.huber_c, tr.huber_schedule, tr.huber_scale),
+        tr.loss, (tr.huber_c, tr.huber_schedule, tr.huber_scale), time_ids=batch.get("time_ids"),
     )  # fmt: skip

@@ -211,6 +211,9 @@ class OptimizerOverrides(Section):
 class OptimizerSection(OptimizerOverrides):
     name: str = "adamw"
     text_encoder: OptimizerOverrides = OptimizerOverrides()
+    text_encoder_2: OptimizerOverrides = Field(
+        OptimizerOverrides(), description="SDXL's second text encoder; unset fields inherit text_encoder's"
+    )
 
     @model_validator(mode="after")
     def _applicable(self):
@@ -225,19 +228,25 @@ class OptimizerSection(OptimizerOverrides):
         for option in OPTION_NAMES:
             if getattr(self.text_encoder, option) is not None and option not in te_spec.options:
                 raise ValueError(f"text_encoder.{option}: {te_spec.name} has no {option} option")
+        te2_spec = OPTIMIZERS[self.text_encoder_2.name or self.text_encoder.name or self.name]
+        for option in OPTION_NAMES:
+            if getattr(self.text_encoder_2, option) is not None and option not in te2_spec.options:
+                raise ValueError(f"text_encoder_2.{option}: {te2_spec.name} has no {option} option")
         return self
 
     def settings(self, component: str) -> OptimizerSettings:
         """The resolved optimizer settings of "unet" or "text_encoder" (the only place overrides
         are merged: an override is used whenever it is not None, so 0 stays 0)."""
-        if component not in COMPONENTS:
+        if component not in (*COMPONENTS, "text_encoder_2"):
             raise ValueError(f"unknown component {component!r}")
-        over = self.text_encoder if component == "text_encoder" else OptimizerOverrides()
-        name = over.name if over.name is not None else self.name
+        # the text encoder's overrides, then (SDXL's TE2) its own on top of those
+        chain = {"unet": (), "text_encoder": (self.text_encoder,),
+                 "text_encoder_2": (self.text_encoder_2, self.text_encoder)}[component]  # fmt: skip
+        name = next((o.name for o in chain if o.name is not None), self.name)
         spec = OPTIMIZERS[name]
 
         def pick(field: str):
-            for source in (over, self):
+            for source in (*chain, self):
                 value = getattr(source, field)
                 if value is not None:
                     return value
@@ -250,6 +259,7 @@ class OptimizerSection(OptimizerOverrides):
 class ScheduleFields(Section):
     name: ScheduleName = "constant"
     warmup_steps: int = Field(0, ge=0)
+    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="warmup as a share of the run's steps (kohya %)")
     decay_steps: int | None = Field(None, ge=1, description="steps the decay spans (default: the whole run)")
     decay_run_multiple: float | None = Field(
         None,
@@ -268,12 +278,12 @@ class ScheduleFields(Section):
     @model_validator(mode="after")
     def _applicable(self):
         warm = ("constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
-        _only_when(
-            self,
-            ("warmup_steps", "warmup_decay_divisor"),
-            self.name in warm,
-            f"not used by the {self.name} schedule",
-        )
+        unused = f"not used by the {self.name} schedule"
+        _only_when(self, ("warmup_steps", "warmup_ratio", "warmup_decay_divisor"), self.name in warm, unused)
+        if self.warmup_steps and self.warmup_ratio:
+            raise ValueError("warmup_ratio: set warmup_steps or warmup_ratio, not both")
+        if self.warmup_ratio and self.warmup_decay_divisor is not None:
+            raise ValueError("warmup_decay_divisor: set warmup_ratio or warmup_decay_divisor, not both")
         decays = ("linear", "cosine", "cosine_with_restarts", "polynomial", "linear_ramp")
         uses_decay = self.name in decays or self.warmup_decay_divisor is not None
         _only_when(
@@ -304,7 +314,7 @@ class ScheduleFields(Section):
     def warmup_for(self, total_steps: int) -> int:
         if self.warmup_decay_divisor is not None:
             return self.decay_for(total_steps) // self.warmup_decay_divisor
-        return self.warmup_steps
+        return self.warmup_steps or round(self.warmup_ratio * total_steps)
 
 
 class ScheduleSection(ScheduleFields):
@@ -312,9 +322,15 @@ class ScheduleSection(ScheduleFields):
         None, description="the text encoder's own schedule (every field); null: the same as the UNet's"
     )
 
+    text_encoder_2: ScheduleFields | None = Field(
+        None, description="SDXL's second text encoder's own schedule; null: the same as text_encoder's"
+    )
+
     def for_component(self, component: str) -> ScheduleFields:
-        """The schedule of "unet" or "text_encoder"."""
-        if component == "text_encoder" and self.text_encoder is not None:
+        """The schedule of "unet", "text_encoder" or "text_encoder_2" (SDXL: null inherits TE1's)."""
+        if component == "text_encoder_2" and self.text_encoder_2 is not None:
+            return self.text_encoder_2
+        if component in ("text_encoder", "text_encoder_2") and self.text_encoder is not None:
             return self.text_encoder
         return self
 
@@ -341,9 +357,86 @@ class TextEncoderSection(Section):
         return self
 
 
+class TextEncoder2Section(Section):
+    """SDXL's second text encoder (OpenCLIP-bigG); a field left out (null) inherits text_encoder's."""
+
+    train: bool | None = None
+    unfreeze_last_n_layers: int | None = Field(None, ge=0)
+    freeze_first_n_layers: int | None = Field(None, ge=0)
+    freeze_embeddings: bool | Literal["auto"] | None = None
+    freeze_final_layer_norm: bool | None = None
+    clip_grad_norm: float | None = Field(None, gt=0, description="TE2's own gradient norm (null: TE1's)")
+
+    @model_validator(mode="after")
+    def _one_way(self):
+        if self.unfreeze_last_n_layers is not None and self.freeze_first_n_layers is not None:
+            raise ValueError("freeze_first_n_layers: set it or unfreeze_last_n_layers, not both")
+        return self
+
+    def resolved(self, te1: TextEncoderSection) -> TextEncoderSection:
+        fields = {k: getattr(self, k) for k in type(self).model_fields if getattr(self, k) is not None}
+        # the layer count is set one way or the other: TE2's choice replaces TE1's, not adds to it
+        if self.unfreeze_last_n_layers is not None:
+            fields["freeze_first_n_layers"] = None
+        if self.freeze_first_n_layers is not None:
+            fields["unfreeze_last_n_layers"] = None
+        return te1.model_copy(update=fields)
+
+
 class UnetSection(Section):
     train: bool = True
     clip_grad_norm: float | None = Field(None, gt=0, description="clip the UNet's own gradient norm")
+
+
+class NetworkSection(Section):
+    """Train a LoRA (kohya's LoRA/LoCon) on a frozen base instead of fine-tuning it (train/network.py)."""
+
+    type: Literal["lora", "locon"] = "lora"
+    dim: int = Field(32, description="rank of every adapted Linear / 1x1 conv")
+    alpha: float | None = Field(None, description="scale alpha/dim; default: equal to dim (seed 002's rule)")
+    conv_dim: int | None = Field(None, description="locon: rank of the 3x3 convs (default: dim)")
+    conv_alpha: float | None = Field(None, description="locon: default equal to conv_dim")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the rank-space activation (kohya's)")
+    targets: Literal["default"] | list[str] = Field(
+        "default", description="kohya's module set for the family, or regexes over diffusers module paths"
+    )
+    train: list[Literal["unet", "text_encoder"]] = Field(
+        ["unet", "text_encoder"], min_length=1, description="text_encoder covers both of SDXL's"
+    )
+    init_seed: int | None = Field(None, description="seed of the initial LoRA weights (null: training.seed)")
+
+    @model_validator(mode="after")
+    def _valid(self):
+        if self.dim < 1:
+            raise ValueError(f"dim: must be at least 1, got {self.dim}")
+        if self.alpha is not None and not self.alpha > 0:
+            raise ValueError(f"alpha: must be above 0, got {self.alpha}")
+        if self.conv_alpha is not None and not self.conv_alpha > 0:
+            raise ValueError(f"conv_alpha: must be above 0, got {self.conv_alpha}")
+        if self.conv_dim is not None and self.conv_dim < 1:
+            raise ValueError(f"conv_dim: must be at least 1, got {self.conv_dim}")
+        _only_when(self, ("conv_dim", "conv_alpha"), self.type == "locon", "only used with type: locon")
+        if isinstance(self.targets, list):
+            if not self.targets:
+                raise ValueError("targets: an empty list adapts nothing; use default or give patterns")
+            for i, pattern in enumerate(self.targets):
+                try:
+                    re.compile(pattern)
+                except re.error as e:
+                    raise ValueError(f"targets.{i}: {pattern!r} is not a valid regex ({e})") from None
+        return self
+
+    @property
+    def resolved_alpha(self) -> float:
+        return float(self.alpha if self.alpha is not None else self.dim)
+
+    @property
+    def resolved_conv_dim(self) -> int:
+        return self.conv_dim if self.conv_dim is not None else self.dim
+
+    @property
+    def resolved_conv_alpha(self) -> float:
+        return float(self.conv_alpha if self.conv_alpha is not None else self.resolved_conv_dim)
 
 
 class TrainingSection(Section):
@@ -447,7 +540,9 @@ class Recipe(Section):
     optimizer: OptimizerSection = OptimizerSection()
     schedule: ScheduleSection = ScheduleSection()
     text_encoder: TextEncoderSection = TextEncoderSection()
+    text_encoder_2: TextEncoder2Section = TextEncoder2Section()
     unet: UnetSection = UnetSection()
+    network: NetworkSection | None = None  # absent: a full fine-tune
     training: TrainingSection
     saving: SavingSection = SavingSection()
     sampling: SamplingSection = SamplingSection()
@@ -463,8 +558,32 @@ class Recipe(Section):
 
     def trains(self, component: str) -> bool:
         """Whether a component gets an optimizer: switched on and a non-zero lr."""
-        on = self.unet.train if component == "unet" else self.text_encoder.train
+        if component == "text_encoder_2":
+            on = self.text_encoder_section(component).train
+        else:
+            on = self.unet.train if component == "unet" else self.text_encoder.train
+        if self.network is not None:  # a LoRA trains only on the components its section lists
+            on = on and ("unet" if component == "unet" else "text_encoder") in self.network.train
         return on and self.optimizer.settings(component).lr > 0
+
+    def text_encoder_section(self, component: str) -> TextEncoderSection:
+        """The freezing settings of "text_encoder" or "text_encoder_2" (SDXL), inheritance resolved."""
+        if component == "text_encoder_2":
+            return self.text_encoder_2.resolved(self.text_encoder)
+        return self.text_encoder
+
+    def sets_text_encoder_2(self) -> bool:
+        """Whether the recipe says anything about a second text encoder (only SDXL has one)."""
+        sections = (self.text_encoder_2, self.optimizer.text_encoder_2)
+        return self.schedule.text_encoder_2 is not None or any(
+            getattr(s, k) is not None for s in sections for k in type(s).model_fields
+        )
+
+    def clip_grad_norm_of(self, component: str) -> float | None:
+        """The component's own clip_grad_norm (unet, text_encoder, or text_encoder_2 inheriting TE1's)."""
+        if component == "unet":
+            return self.unet.clip_grad_norm
+        return self.text_encoder_section(component).clip_grad_norm
 
     def to_dict(self) -> dict:
         return self.model_dump(mode="json")

@@ -96,13 +96,28 @@ def load_model(recipe: Recipe, run_dir: Path, device, resume: bool = False):
     with open_checkpoint(base_path) as ckpt:
         spec = model_spec(ckpt)
         unsupported = [v for v in spec.variants if v != "v-prediction"]
-        if spec.layout not in ("sd1", "sd2") or unsupported:
+        if spec.layout not in ("sd1", "sd2", "sdxl") or unsupported:
             what = spec.layout + (f" ({', '.join(unsupported)})" if unsupported else "")
             raise WorkbenchError(
-                f"model.base: {base_path}: training {what} models is not supported yet (sd1, sd2)"
+                f"model.base: {base_path}: training {what} models is not supported yet (sd1, sd2, sdxl)"
+            )
+        if spec.layout != "sdxl" and recipe.sets_text_encoder_2():
+            raise WorkbenchError(
+                f"text_encoder_2: {base_path} is an {spec.layout} model, with one text encoder "
+                "(text_encoder_2, optimizer.text_encoder_2 and schedule.text_encoder_2 are for SDXL)"
+            )
+        if spec.layout == "sdxl" and recipe.training.clip_skip > 1:
+            raise WorkbenchError(
+                f"training.clip_skip: {base_path} is an sdxl model, whose conditioning is fixed "
+                "(TE1's and TE2's penultimate layers); clip skip applies to sd1/sd2 models"
+            )
+        if spec.layout == "sdxl" and "diffusers" in recipe.saving.format:
+            raise WorkbenchError(
+                "saving.format: diffusers folders are written for sd1/sd2 models; use single_file for SDXL"
             )
         modules = load_modules(ckpt, device=device, spec=spec)
         metadata = dict(ckpt.metadata)
+    sdxl = spec.layout == "sdxl"
     models = Models(
         unet=modules["unet"],
         text_encoder=modules["text_encoder"],
@@ -110,13 +125,22 @@ def load_model(recipe: Recipe, run_dir: Path, device, resume: bool = False):
         tokenizer=clip_tokenizer("!" if spec.layout == "sd2" else "<|endoftext|>"),
         noise_scheduler=noise_scheduler_for(spec.configs["scheduler"]),
         scaling_factor=float(spec.configs["vae"].get("scaling_factor", 0.18215)),
+        text_encoder_2=modules.get("text_encoder_2") if sdxl else None,
+        tokenizer_2=clip_tokenizer("!") if sdxl else None,  # OpenCLIP pads with "!" (as diffusers' SDXL)
         clip_skip=recipe.training.clip_skip,
     )
     return base_path, models, spec, metadata
 
 
-def load_trained_weights(models: Models, weights: dict[str, torch.Tensor], params: dict) -> None:
-    """Put a saved state's fp32 weights into the trained components (all of each, strictly)."""
+def load_trained_weights(
+    models: Models, weights: dict[str, torch.Tensor], params: dict, network=None
+) -> None:
+    """Put a saved state's fp32 weights into the trained components (all of each, strictly), or
+    into the LoRA network ("network." keys) of a LoRA run."""
+    if network is not None:
+        mine = {k.removeprefix("network."): v for k, v in weights.items() if k.startswith("network.")}
+        network.load_kohya_state(mine, "state/weights.safetensors")
+        return
     for component in params:
         prefix = component + "."
         sub = {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
@@ -165,8 +189,10 @@ def record_resume(run_dir: Path, step: int, data: dict, accelerator) -> None:
     os.replace(tmp, run_dir / "run.json")
 
 
-def param_names(models: Models, params: dict) -> dict[str, list[str]]:
+def param_names(models: Models, params: dict, network=None) -> dict[str, list[str]]:
     """The names of each component's trained parameters, in the order of `params`."""
+    if network is not None:
+        return network.param_names()
     return {c: [n for n, p in getattr(models, c).named_parameters() if p.requires_grad] for c in params}
 
 
@@ -182,34 +208,48 @@ def check_resolution(data, configs: dict) -> None:
         )
 
 
+def allow_unused_parameters(accelerator, models: Models, recipe: Recipe) -> None:
+    """Tell DDP (several processes) that some trained parameters get no gradient: the text encoder
+    layers past the conditioning's (SDXL's TE1 stops at its penultimate layer, clip skip n at its
+    n-th last). Unused everywhere, they keep no gradient and stay put, as in one process."""
+    if accelerator.num_processes > 1 and (models.text_encoder_2 is not None or recipe.training.clip_skip > 1):
+        from accelerate.utils import DistributedDataParallelKwargs
+
+        accelerator.ddp_handler = DistributedDataParallelKwargs(find_unused_parameters=True)
+
+
+def components_of(models: Models) -> tuple[str, ...]:
+    """The trainable components the model has: SDXL adds text_encoder_2."""
+    return COMPONENTS + (("text_encoder_2",) if models.text_encoder_2 is not None else ())
+
+
 def set_trainable(models: Models, recipe: Recipe) -> dict[str, list[torch.nn.Parameter]]:
     """requires_grad per the recipe; returns the trainable parameters of each trained component."""
     models.vae.requires_grad_(False).eval()
-    te = recipe.text_encoder
-    for component in COMPONENTS:
+    for component in components_of(models):
         module = getattr(models, component)
         module.requires_grad_(recipe.trains(component))
         module.train(recipe.trains(component))
-    if recipe.trains("text_encoder"):
-        freeze_text_encoder(
-            models.text_encoder,
-            te.unfreeze_last_n_layers,
-            te.freeze_embeddings,
-            te.freeze_final_layer_norm,
-            te.freeze_first_n_layers,
-        )
-    params = {c: trainable(getattr(models, c)) for c in COMPONENTS if recipe.trains(c)}
-    if "text_encoder" in params and not params["text_encoder"]:
-        raise WorkbenchError(
-            "text_encoder: every text encoder parameter is frozen by the freezing options; "
-            "set text_encoder.train: false instead"
-        )
+    for component in components_of(models)[1:]:
+        te = recipe.text_encoder_section(component)
+        if recipe.trains(component):
+            freeze_text_encoder(
+                getattr(models, component), te.unfreeze_last_n_layers, te.freeze_embeddings,
+                te.freeze_final_layer_norm, te.freeze_first_n_layers,
+            )  # fmt: skip
+    params = {c: trainable(getattr(models, c)) for c in components_of(models) if recipe.trains(c)}
+    for te in ("text_encoder", "text_encoder_2"):
+        if te in params and not params[te]:
+            raise WorkbenchError(
+                f"{te}: every text encoder parameter is frozen by the freezing options; "
+                f"set {te}.train: false instead"
+            )
     return params
 
 
 def _frozen_summary(models: Models) -> dict:
     out = {}
-    for component in COMPONENTS:
+    for component in components_of(models):
         module = getattr(models, component)
         total = sum(p.numel() for p in module.parameters())
         out[component] = {

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from workbench.train.data import CaptionedImages, collate
-from workbench.train.diffusion import Models, denoising_loss, encode_latents, tokenize
+from workbench.train.diffusion import Models, denoising_loss, encode_latents, tokenize_for
 
 
 def example_noise(seed: int, index: int, shape: tuple[int, ...], n_timesteps: int) -> torch.Tensor:
@@ -41,7 +41,8 @@ def validation_loss(
     autocast=None,
 ) -> float:
     """Mean epsilon loss of `dataset` (unaugmented) over the timestep grid."""
-    modes = {m: m.training for m in (models.unet, models.text_encoder)}
+    nets = (models.unet, models.text_encoder, models.text_encoder_2)
+    modes = {m: m.training for m in nets if m is not None}
     for m in modes:
         m.eval()
     total, count = 0.0, 0
@@ -52,14 +53,16 @@ def validation_loss(
                 pixels = batch["pixels"].to(device)
                 shape = _latent_shape(models, pixels)
                 draws = torch.stack([example_noise(seed, i, shape, len(timesteps)) for i in indices])
-                latents = encode_latents(models.vae, pixels, models.scaling_factor, eps=draws[:, 0])
+                latents = encode_latents(models.vae, pixels, models.scaling_factor, eps=draws[:, 0],
+                                         fp32=models.text_encoder_2 is not None)  # fmt: skip
                 # One forward for all (example, timestep) rows: example-major, like `draws`.
                 n_t = len(timesteps)
                 rows = latents.repeat_interleave(n_t, dim=0)
                 noise = draws[:, 1:].reshape(-1, *shape).to(device, latents.dtype)
                 ts = torch.tensor(timesteps, dtype=torch.long).repeat(len(indices)).to(device)
-                ids = tokenize(models.tokenizer, batch["caption"], device).repeat_interleave(n_t, dim=0)
-                loss = denoising_loss(models, rows, ids, noise, ts)
+                ids = tokenize_for(models, batch["caption"], device).repeat_interleave(n_t, dim=0)
+                sizes = batch["time_ids"].repeat_interleave(n_t, dim=0)
+                loss = denoising_loss(models, rows, ids, noise, ts, time_ids=sizes)
                 total += float(loss.double().sum())
                 count += loss.numel()
     finally:
