@@ -29,7 +29,9 @@ lint: install
 
 test: install
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q
+	# One OpenMP thread: the 2-process tests fork the pytest process, and a forked child of a process
+	# whose GNU OpenMP pool has run can hang (libgomp is not fork-safe); it also spares 2-core CI.
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q
 
 clean:
 	rm -rf $(VENV) out .pytest_cache .ruff_cache
