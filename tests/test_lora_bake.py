@@ -246,3 +246,41 @@ def test_loha_and_lokr_bake_by_hand(toy, tmp_path):
     key = "cond_stage_model.transformer.text_model.encoder.layers.3.self_attn.out_proj.weight"
     lokr = torch.kron(sd[f"{n2}.lokr_w1"], sd[f"{n2}.lokr_w2_a"] @ sd[f"{n2}.lokr_w2_b"]) * (0.5 / 1)
     torch.testing.assert_close(b[key], w[key] + 0.5 * lokr, rtol=1e-6, atol=1e-6)
+
+
+def test_row_blocks_cross_the_qkv_slices(tmp_path, monkeypatch):
+    """The engine bakes plain LoRAs a block of whole rows at a time. With blocks of 5 rows, blocks
+    straddle the q/k/v slices of a fused SD2 in_proj (rows 32 and 64): the result is still the hand
+    computation, and the fp16 lost-change count agrees with one made independently from the fp32
+    bake."""
+    import workbench.merge.engine as engine
+
+    monkeypatch.setattr(engine, "CHUNK", 5 * 32)
+    base = tiny_checkpoint(tmp_path / "sd2.safetensors", "sd2")
+    lora = synthetic_lora(tmp_path / "l2.safetensors", base, rank=2, alpha=1.0, groups=("attn", "te"))
+    s = 2e-4
+    o32 = bake(base, [LoraSpec(str(lora), s)], tmp_path / "o32.safetensors", dtype="fp32")
+    o16 = bake(base, [LoraSpec(str(lora), s)], tmp_path / "o16.safetensors", dtype="fp16")
+    w, lf, b32, b16 = (load_file(p) for p in (base, lora, o32.path, o16.path))
+    key = "cond_stage_model.model.transformer.resblocks.1.attn.in_proj_weight"
+    parts = []
+    for i, p in enumerate("qkv"):
+        n = f"lora_te_text_model_encoder_layers_1_self_attn_{p}_proj"
+        parts.append(s * 0.5 * (lf[f"{n}.lora_up.weight"] @ lf[f"{n}.lora_down.weight"]))
+    want = w[key] + torch.cat(parts)
+    torch.testing.assert_close(b32[key], want, rtol=1e-6, atol=1e-9)
+    assert torch.equal(b16[key], want.half())
+    # independent count: entries the fp32 bake moved that the fp16 cast puts back where they were
+    moved = lost = 0
+    for k, before in w.items():
+        if not before.is_floating_point() or torch.equal(b32[k], before):
+            continue
+        changed = b32[k] != before
+        moved += int(changed.sum())
+        lost += int((changed & (b32[k].half() == before.half())).sum())
+    assert 0 < lost < moved
+    # wb counts every entry of a nonzero product; the few whose change vanishes even in fp32 are
+    # invisible above, and are both touched and lost
+    wb_lost, wb_touched = o16.lost["l2"]
+    absorbed = wb_touched - moved
+    assert wb_lost - lost == absorbed and 0 <= absorbed < moved // 100

@@ -288,6 +288,32 @@ def fsync_file(path: Path) -> None:
         os.close(fd)
 
 
+def _sync_file_range():
+    """glibc's sync_file_range (Linux), or None where there is none."""
+    try:
+        import ctypes
+
+        func = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    func.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+    func.restype = ctypes.c_int
+    return func
+
+
+_SYNC_FILE_RANGE = _sync_file_range()
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def start_writeback(fd: int) -> None:
+    """Ask the kernel to start writing the file's dirty pages to the disk now, without waiting for
+    them. A writer that does this every few tens of MiB finishes with a short fsync instead of one
+    that writes the whole file after the work is done: the disk works while the CPU computes.
+    Advice only: a no-op where Linux's sync_file_range is missing, errors ignored."""
+    if _SYNC_FILE_RANGE is not None:
+        _SYNC_FILE_RANGE(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
+
+
 def fsync_dir(folder: Path) -> None:
     """Make a new file's directory entry durable too (POSIX; a no-op where directories cannot be opened)."""
     try:

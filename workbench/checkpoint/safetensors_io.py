@@ -28,6 +28,7 @@ from workbench.checkpoint.files import (
     is_write_error,
     note_completed,
     refuse_overwrite,
+    start_writeback,
     temp_path_for,
     write_error,
 )
@@ -352,6 +353,12 @@ class SafetensorsWriter:
             self._pwrite(memoryview(chunk), dst)
             offset, dst, left = offset + len(chunk), dst + len(chunk), left - len(chunk)
         self._count(key, want.nbytes)
+
+    def start_writeback(self) -> None:
+        """Have the kernel start writing what is written so far (see files.start_writeback); the
+        merge engine's coordinating thread calls it every WRITEBACK bytes, so the final fsync is short."""
+        if self._fd is not None:
+            start_writeback(self._fd)
 
     def _count(self, key: str, nbytes: int) -> None:
         with self._lock:

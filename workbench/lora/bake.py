@@ -80,6 +80,70 @@ class LoraBinding:
                 self.lost += max(0, same - unchanged)
                 self.touched += weight.numel() - unchanged
 
+    def rows_chunkable(self, key: str) -> bool:
+        """Whether every module landing on `key` is a plain LoRA (up @ down, no Tucker mid, not
+        transposed): then rows [r0, r1) of the change need only rows [r0, r1) of up, and the engine
+        can bake the tensor a cache-sized block of rows at a time."""
+        return all(m.kind == "lora" and "mid" not in m.keys and not t.transpose for m, t in self.by_key[key])
+
+    def row_factors(self, key: str) -> list[RowFactors]:
+        """The float32 factors of every module landing on `key`, read once per key and worker."""
+        found = []
+        for module, target in self.by_key[key]:
+            up, down, scale = self.lora.factors(module)
+            first = target.rows[0] if target.rows is not None else 0
+            nonzero_rows = torch.cumsum((up != 0).any(dim=1), 0).tolist()
+            cols = int((down != 0).any(dim=0).sum())
+            found.append(RowFactors(first, up, down, scale, [0, *nonzero_rows], cols))
+        return found
+
+    def apply_rows(
+        self,
+        chunk: torch.Tensor,
+        lo: int,
+        factors: list[RowFactors],
+        strength: float,
+        before: torch.Tensor | None = None,
+    ) -> None:
+        """Like `apply`, on a flat float32 chunk of whole rows starting at element `lo` of the tensor:
+        each module adds strength * scale * up[rows] @ down to the rows it owns. With `before` (a
+        buffer of the chunk's size in the fp16/bf16 output dtype), counts the changes the cast loses."""
+        if strength == 0.0:
+            return
+        width = factors[0].down.shape[1]
+        r0 = lo // width
+        r1 = r0 + chunk.numel() // width
+        rows = chunk.view(r1 - r0, width)
+        if before is not None:
+            before.copy_(chunk)
+        changed = 0
+        for f in factors:
+            a, b = max(r0, f.first), min(r1, f.first + f.up.shape[0])
+            if a >= b:
+                continue
+            rows[a - r0 : b - r0].addmm_(f.up[a - f.first : b - f.first], f.down, alpha=strength * f.scale)
+            changed += (f.nonzero_rows[b - f.first] - f.nonzero_rows[a - f.first]) * f.nonzero_cols
+        if before is not None and changed:
+            # entries with the same bits after the cast; xor + count_nonzero on int16 is 2-5x faster
+            # here than any comparison (torch builds its bool result element by element)
+            after = chunk.to(before.dtype).view(torch.int16)
+            same = chunk.numel() - int(torch.count_nonzero(after.bitwise_xor_(before.view(torch.int16))))
+            with self._lock:
+                self.lost += max(0, same - (chunk.numel() - changed))
+                self.touched += changed
+
+
+@dataclass(frozen=True)
+class RowFactors:
+    """A plain LoRA module's factors ready for row blocks: dW[first + i] = scale * up[i] @ down."""
+
+    first: int  # the first row of the tensor the module owns (its q/k/v slice of a fused tensor)
+    up: torch.Tensor  # [rows, r] float32
+    down: torch.Tensor  # [r, width] float32
+    scale: float  # alpha / r
+    nonzero_rows: list[int]  # nonzero_rows[i]: rows of up[:i] that are not all zero
+    nonzero_cols: int  # columns of down that are not all zero
+
 
 def _nonzero_product(up: torch.Tensor, down: torch.Tensor) -> int:
     """Entries of up @ down that are not zero: all but the rows of a zero row of up and the columns

@@ -50,6 +50,9 @@ if TYPE_CHECKING:
 CHUNK = 1 << 18
 # Input bytes the kernel is asked to read ahead of the keys being merged (see _Prefetch).
 PREFETCH = 64 << 20
+# Output bytes between two requests to the kernel to start writing them to the disk (the writer's
+# start_writeback): the disk writes while the CPU computes, and the final fsync waits for little.
+WRITEBACK = 64 << 20
 POSITION_IDS = "embeddings.position_ids"
 
 Progress = Callable[[int, int], None]
@@ -85,6 +88,7 @@ class KeyPlan:
     source: str  # the input copied for everything but "merge" (the base, through pass-throughs)
     calls: tuple[StepCall | None, ...] = ()  # per recipe step; None: the step passes A through
     chunked: bool = False
+    chunk: int = 0  # elements per chunk when chunked (whole rows when a LoRA is baked into the key)
 
 
 @dataclass
@@ -350,10 +354,17 @@ def _plan_key(
             out = TensorInfo(sources[source].ckpt.infos[key].dtype, a_info.shape)
         return KeyPlan(key, out, component, "copy", source)
     chunked = all(
-        c is None or (s.spec.elementwise and c.partial is None)
+        c is None
+        or (s.spec.elementwise and c.partial is None)
+        or (s.spec.name == "lora" and sources[s.inputs[1]].lora.rows_chunkable(key))
         for c, s in zip(calls, recipe.steps, strict=True)
     )
-    return KeyPlan(key, out, component, "merge", source, tuple(calls), chunked)
+    chunk = CHUNK
+    bakes = any(c is not None and s.spec.name == "lora" for c, s in zip(calls, recipe.steps, strict=True))
+    if chunked and bakes:
+        width = a_info.numel // a_info.shape[0]  # a LoRA changes whole rows: chunks of whole rows
+        chunk = max(1, CHUNK // width) * width
+    return KeyPlan(key, out, component, "merge", source, tuple(calls), chunked, chunk)
 
 
 def _step_call(step: Step, weight: float, partial: int | None) -> StepCall:
@@ -419,6 +430,8 @@ class _Scratch:
     used: int = 0
     staging: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.uint8))
     outgoing: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.uint8))
+    spare: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.uint8))
+    per_key: dict = field(default_factory=dict)  # what a key's chunks share (LoRA factors), per node
 
     def stage(self, nbytes: int) -> torch.Tensor:
         if self.staging.numel() < nbytes:
@@ -431,6 +444,13 @@ class _Scratch:
         if self.outgoing.numel() < nbytes:
             self.outgoing = torch.empty(nbytes, dtype=torch.uint8)
         return self.outgoing[:nbytes].view(info.torch_dtype)
+
+    def spare_of(self, n: int, dtype: torch.dtype) -> torch.Tensor:
+        """A reused flat buffer of `n` elements of `dtype` (the LoRA bake's before-cast copy)."""
+        nbytes = n * dtype.itemsize
+        if self.spare.numel() < nbytes:
+            self.spare = torch.empty(nbytes, dtype=torch.uint8)
+        return self.spare[:nbytes].view(dtype)
 
     def take(self, n: int) -> torch.Tensor:
         if self.used == len(self.slots):
@@ -534,10 +554,20 @@ class _KeyEvaluator:
         call = kp.calls[i]
         if call is None:
             return self.value(step.inputs[0], kp, scratch, lo, hi)
-        if step.spec.name == "lora":  # never chunked: the whole tensor, changed in place
-            a = self.value(step.inputs[0], kp, scratch, lo, None)
+        if step.spec.name == "lora":  # changed in place: whole rows of plain LoRAs, else the whole tensor
+            a = self.value(step.inputs[0], kp, scratch, lo, hi)
             binding = self.plan.sources[step.inputs[1]].lora
-            binding.apply(kp.key, a, call.params["strength"], OUT_DTYPES[self.recipe.dtype])
+            out_dtype = OUT_DTYPES[self.recipe.dtype]
+            if hi is None:
+                binding.apply(kp.key, a, call.params["strength"], out_dtype)
+                return a
+            factors = scratch.per_key.get(node)
+            if factors is None:
+                factors = scratch.per_key[node] = binding.row_factors(kp.key)
+            # counting the changes a cast to fp16/bf16 loses needs the values before, cast alike
+            low = kp.out.torch_dtype if kp.out.dtype in ("F16", "BF16") else None
+            before = scratch.spare_of(a.numel(), low) if low is not None else None
+            binding.apply_rows(a, lo, factors, call.params["strength"], before)
             return a
         args = [self.value(ref, kp, scratch, lo, hi) for ref in step.inputs]
         if call.partial is None:
@@ -608,10 +638,11 @@ def _emit(
         return
     if kp.how == "merge":
         if kp.chunked:
-            for lo in range(0, n, CHUNK):
+            scratch.per_key.clear()
+            for lo in range(0, n, kp.chunk):
                 if cancel.is_set():
                     raise _Cancelled
-                hi = min(n, lo + CHUNK)
+                hi = min(n, lo + kp.chunk)
                 scratch.used = 0
                 value = ev.value(ev.recipe.output, kp, scratch, lo, hi)
                 _write_cast(writer, kp, lo, value, scratch)
@@ -719,11 +750,14 @@ def _sequential(
     plan: MergePlan, ev: _KeyEvaluator, writer: SafetensorsWriter, progress: Progress | None, reset: list[str]
 ) -> None:
     scratch, never, prefetch = _Scratch(), threading.Event(), _Prefetch(plan, ev)
-    done = 0
+    done = flushed = 0
     for i, kp in enumerate(plan.keys):
         prefetch.advance(i)
         _emit(kp, ev, scratch, writer, never, reset)
         done += kp.out.nbytes
+        if done - flushed >= WRITEBACK:
+            writer.start_writeback()
+            flushed = done
         if progress is not None:
             progress(done, plan.out_bytes)
 
@@ -766,7 +800,7 @@ def _pipeline(
             finished.put(_DONE)
 
     pool = [threading.Thread(target=work, name=f"wb-merge-{i}", daemon=True) for i in range(workers)]
-    total, done, running = plan.out_bytes, 0, workers
+    total, done, flushed, running = plan.out_bytes, 0, 0, workers
     try:
         for t in pool:
             t.start()
@@ -778,6 +812,9 @@ def _pipeline(
             if isinstance(item, BaseException):
                 raise item
             done += item.out.nbytes
+            if done - flushed >= WRITEBACK:
+                writer.start_writeback()  # this thread only waits for workers: it may wait on the disk
+                flushed = done
             if progress is not None:
                 progress(done, total)
     finally:
