@@ -247,3 +247,21 @@ def test_diffusers_refuses_extras_and_loads_lora_only(sd1):
         pipe.load_lora_weights(str(d / "with.safetensors"), adapter_name="w")
     pipe.load_lora_weights(str(d / "only.safetensors"), adapter_name="o")
     assert sum(hasattr(m, "lora_A") for m in pipe.unet.modules()) == 1
+
+
+def test_resize_and_merge_carry_extras(sd1):
+    """resize keeps the whole changes as they are; merge sums them with the strengths."""
+    d, base, tuned, _ = sd1
+    src = d / "ex_rm.safetensors"
+    ok(["lora", "extract", tuned, base, "--rank", 4, "--dtype", "fp32", "-o", src])
+    ok(["lora", "resize", src, "--rank", 1, "--dtype", "fp32", "-o", d / "r1.safetensors"])
+    ok(["lora", "merge", f"{src}:0.7", f"{src}:0.2", "--dtype", "fp32", "-o", d / "m.safetensors"])
+    before, resized, merged = (
+        _extras_of(src),
+        _extras_of(d / "r1.safetensors"),
+        _extras_of(d / "m.safetensors"),
+    )
+    assert resized.keys() == before.keys() == merged.keys()
+    for k, v in before.items():
+        assert torch.equal(resized[k], v), k
+        torch.testing.assert_close(merged[k], 0.9 * v, rtol=1e-6, atol=1e-9)
