@@ -207,8 +207,13 @@ def extract_command(
             "[yellow]diffusers' load_lora_weights refuses such a file[/] (--lora-only writes none)",
             highlight=False,
         )
-    if res.left_out:
-        gone = ", ".join(f"{k} {v:.1%}" for k, v in sorted(res.left_out.items(), key=lambda kv: -kv[1]))
+    if res.file_share < 0.9995:
+        lost = {**res.left_out, "the rank's truncation": 1 - res.file_share - sum(res.left_out.values())}
+        gone = ", ".join(
+            f"{k} {v:.1%}" if v >= 0.001 else f"{k} <0.1%"
+            for k, v in sorted(lost.items(), key=lambda kv: -kv[1])
+            if v > 0
+        )
         out.print(
             f"the file holds {res.file_share:.1%} of the whole difference's energy (squared Frobenius "
             f"norm); not in it: {gone}",
