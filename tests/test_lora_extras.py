@@ -265,3 +265,44 @@ def test_resize_and_merge_carry_extras(sd1):
     for k, v in before.items():
         assert torch.equal(resized[k], v), k
         torch.testing.assert_close(merged[k], 0.9 * v, rtol=1e-6, atol=1e-9)
+
+
+def test_grid_applies_extras_in_place_and_restores(tmp_path):
+    """wb grid's in-place LoRAs: diff_b on the bias, w_norm/b_norm on the norm, diff on conv_in."""
+    from workbench.grids.lora_apply import LoraState
+    from workbench.pipeline import build_pipeline
+
+    base = toy_init(tmp_path / "base.safetensors")
+    g = torch.Generator().manual_seed(3)
+    n_ff = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_ff_net_2"
+    lora = {
+        "lora_unet_conv_in.diff": torch.randn(32, 4, 3, 3, generator=g),
+        "lora_unet_conv_in.diff_b": torch.randn(32, generator=g),
+        "lora_unet_out_0.w_norm": torch.randn(32, generator=g),
+        "lora_unet_out_0.b_norm": torch.randn(32, generator=g),
+        f"{n_ff}.lora_up.weight": torch.randn(64, 2, generator=g),
+        f"{n_ff}.lora_down.weight": torch.randn(2, 256, generator=g),
+        f"{n_ff}.diff_b": torch.randn(64, generator=g),
+    }
+    save_file(lora, tmp_path / "x.safetensors")
+    pipe = build_pipeline(base)
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    state = LoraState(pipe, base)
+    m = 0.5
+    state.apply(((str(tmp_path / "x.safetensors"), 1.0, m),))
+    now = pipe.unet.state_dict()
+    ff = "down_blocks.1.attentions.0.transformer_blocks.0.ff.net.2"
+    want = {
+        "conv_in.weight": before["conv_in.weight"] + m * lora["lora_unet_conv_in.diff"],
+        "conv_in.bias": before["conv_in.bias"] + m * lora["lora_unet_conv_in.diff_b"],
+        "conv_norm_out.weight": before["conv_norm_out.weight"] + m * lora["lora_unet_out_0.w_norm"],
+        "conv_norm_out.bias": before["conv_norm_out.bias"] + m * lora["lora_unet_out_0.b_norm"],
+        f"{ff}.weight": before[f"{ff}.weight"]
+        + m * lora[f"{n_ff}.lora_up.weight"] @ lora[f"{n_ff}.lora_down.weight"],
+        f"{ff}.bias": before[f"{ff}.bias"] + m * lora[f"{n_ff}.diff_b"],
+    }
+    for k, v in want.items():
+        torch.testing.assert_close(now[k], v.to(now[k].dtype), rtol=1e-5, atol=1e-5)
+    assert {k for k in before if not torch.equal(now[k], before[k])} == set(want)
+    state.apply(())
+    assert all(torch.equal(pipe.unet.state_dict()[k], v) for k, v in before.items())
