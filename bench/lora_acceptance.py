@@ -6,8 +6,11 @@
 2. wb lora extract v4.safetensors base.safetensors --rank 16 -o v4_lora.safetensors
 3. wb inspect v4_lora.safetensors
 4. wb lora bake base.safetensors v4_lora.safetensors:1.0 -o back.safetensors
-5. the same with --conv-rank 16 (a LoCon: the ResNet convs too) -> back_locon.safetensors
-6. wb grid --ckpts base,v4,back,back_locon (2 prompts x 2 seeds), then the mean absolute pixel
+5. for comparison, the same with parts left out (each baked the same way):
+   --lora-only --conv-rank 0 (a pure kohya LoRA of kohya's default modules) -> back_kohya,
+   --lora-only (the ResNet convs too, no extras: a plain LoCon) -> back_locon,
+   --conv-rank 0 (extras, no ResNet convs) -> back_noconv;
+6. wb grid --ckpts base,v4,back,... (2 prompts x 2 seeds), then the mean absolute pixel
    difference of every "back" cell from the same cell of v4 and of base: back should look like v4.
 Each wb command runs as a subprocess (`python -m workbench.cli ...`); their output is printed.
 """
@@ -25,6 +28,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = ["a red circle on a blue background", "a yellow square on a black background"]
+VARIANTS = {  # name -> extra flags of `wb lora extract` (what each leaves out)
+    "kohya": ["--lora-only", "--conv-rank", 0],
+    "locon": ["--lora-only"],
+    "noconv": ["--conv-rank", 0],
+}
 
 
 def wb(*args: object) -> str:
@@ -62,7 +70,8 @@ def mean_pixel_diffs(grid_dir: Path) -> dict[str, float]:
     for c in doc["cells"]:
         img = np.asarray(Image.open(grid_dir / c["file"]).convert("RGB"), dtype=np.float64)
         cells.setdefault((c["prompt"], c["seed"]), {})[c["checkpoint"]] = img
-    pairs = [("back", "v4"), ("back", "base"), ("back_locon", "v4"), ("back_locon", "base"), ("v4", "base")]
+    backs = ["back", *(f"back_{n}" for n in VARIANTS)]
+    pairs = [(b, other) for b in backs for other in ("v4", "base")] + [("v4", "base")]
     out: dict[str, list[float]] = {f"{a} vs {b}": [] for a, b in pairs}
     for imgs in cells.values():
         for a, b in pairs:
@@ -90,18 +99,21 @@ def main() -> None:
     wb("lora", "extract", v4, base, "--rank", args.rank, "-o", lora)
     wb("inspect", lora)
     wb("lora", "bake", base, f"{lora}:1.0", "-o", back)
-    # kohya's default modules leave the ResNet convs out; a LoCon takes them too
-    locon, back_locon = folder / "v4_locon.safetensors", folder / "back_locon.safetensors"
-    wb("lora", "extract", v4, base, "--rank", args.rank, "--conv-rank", args.rank, "-o", locon)
-    wb("lora", "bake", base, f"{locon}:1.0", "-o", back_locon)
+    backs = [back]
+    for name, flags in VARIANTS.items():
+        part, out = folder / f"v4_{name}.safetensors", folder / f"back_{name}.safetensors"
+        wb("lora", "extract", v4, base, "--rank", args.rank, *flags, "-o", part)
+        wb("lora", "bake", base, f"{part}:1.0", "-o", out)
+        backs.append(out)
     (folder / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
     grid = folder / "grid"
-    wb("grid", "--ckpts", f"{base},{v4},{back},{back_locon}", "--prompts", folder / "prompts.txt",
+    ckpts = ",".join(str(p) for p in [base, v4, *backs])
+    wb("grid", "--ckpts", ckpts, "--prompts", folder / "prompts.txt",
        "--seeds", "1,2", "--steps", 12, "--size", "64x64", "-o", grid)  # fmt: skip
     diffs = mean_pixel_diffs(grid)
     print("mean |pixel difference| (0-255), averaged over prompts x seeds:")
     for k, v in diffs.items():
-        print(f"  {k:19} {v:6.2f}")
+        print(f"  {k:20} {v:6.2f}")
 
 
 if __name__ == "__main__":

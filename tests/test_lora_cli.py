@@ -81,14 +81,14 @@ def test_extract_recovers_planted_rank_and_round_trips(planted):
 def test_extract_below_rank_is_eckart_young(planted):
     d, base, lora, tuned = planted
     out = d / "ex2.safetensors"
-    res = ok(["lora", "extract", tuned, base, "--rank", 2, "--dtype", "fp32", "-o", out])
+    res = ok(["lora", "extract", tuned, base, "--rank", 2, "--conv-rank", 0, "--dtype", "fp32", "-o", out])
     got = _lora_products(out)
     # the ResNet/sampler share of the planted difference, which kohya's default set leaves out
     energy = {n: float(p.double().pow(2).sum()) for n, p in _lora_products(lora).items()}
     conv = sum(e for n, e in energy.items() if "resnets" in n or "samplers" in n)
     share = f"{conv / sum(energy.values()):.0%} of the difference is in ResNet/sampler convs"
     assert share in " ".join(res.output.split())
-    assert len(got) == 102  # attn + te only without --conv-rank (toy: 72 + 30)
+    assert len(got) == 102  # attn + te only with --conv-rank 0 (toy: 72 + 30)
     want = _lora_products(lora)
     for n in ("lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_ff_net_0_proj",
               "lora_te_text_model_encoder_layers_2_self_attn_v_proj"):  # fmt: skip

@@ -5,6 +5,10 @@ Formats (shared/docs/LORA.md 1.1-1.6):
   `NAME.alpha` (any dtype, 0-dim or one element; absent means alpha = rank), NAME starting with
   `lora_unet_`, `lora_te_`, `lora_te1_` or `lora_te2_`. LyCORIS uses the same names with
   `lora_mid` (Tucker LoCon), `hada_*` (LoHa) or `lokr_*` (LoKr) tensors.
+- extras (LyCORIS "full" and "norm" modules, read by ComfyUI and A1111, see docs/lora.md): per module
+  `NAME.diff` (the weight change) and `NAME.diff_b` (the bias change), or `NAME.w_norm` / `NAME.b_norm`
+  for a GroupNorm/LayerNorm; `NAME.diff_b` next to `lora_up`/`lora_down` is the bias change of a LoRA
+  module. No alpha, no scale: W' = W + m * diff, b' = b + m * diff_b.
 - diffusers/PEFT: `unet.|text_encoder.|text_encoder_2.` + module path + `.lora_A.weight` (down) /
   `.lora_B.weight` (up), or `.lora.down.weight` / `.lora.up.weight`, or the old attention-processor
   spelling `...attn1.processor.to_q_lora.down.weight`; alphas from `.alpha` tensors or from the
@@ -51,7 +55,12 @@ KOHYA_ROLES = {
     "hada_t1": "t1", "hada_t2": "t2",
     "lokr_w1": "w1", "lokr_w1_a": "w1a", "lokr_w1_b": "w1b", "lokr_w2": "w2", "lokr_w2_a": "w2a",
     "lokr_w2_b": "w2b", "lokr_t2": "t2",
+    "diff": "diff", "diff_b": "diff_b", "w_norm": "w_norm", "b_norm": "b_norm",
 }  # fmt: skip
+# The weight part and the bias part of the extra kinds (a "bias" module is the bias half of any module).
+WEIGHT_ROLE = {"full": "diff", "norm": "w_norm"}
+BIAS_ROLES = ("diff_b", "b_norm")
+EXTRA_KINDS = ("full", "norm")
 _KOHYA_KEY = re.compile(
     r"(lora_(?:unet|te[12]?)_\w+?)\.(" + "|".join(re.escape(s) for s in KOHYA_ROLES) + r")"
 )
@@ -64,7 +73,7 @@ _PEFT_ROLES = {
     "lora_linear_layer.down.weight": "down", "lora_linear_layer.up.weight": "up", "alpha": "alpha",
 }  # fmt: skip
 _PROCESSOR = re.compile(r"(.+)\.processor\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight")
-KINDS = ("lora", "locon", "loha", "lokr")
+KINDS = ("lora", "locon", "loha", "lokr", "full", "norm")
 CONV_NAME = re.compile(
     r"resnets|in_layers|out_layers|emb_layers|skip_connection|samplers|_op$|conv_in|conv_out"
 )
@@ -75,13 +84,40 @@ class LoraModule:
     """One adapted module of a LoRA file (header facts only)."""
 
     name: str  # kohya underscore form, e.g. lora_unet_down_blocks_0_attentions_0_proj_in
-    kind: str  # "lora" | "loha" | "lokr"
+    kind: str  # "lora" | "loha" | "lokr" | "full" | "norm" | "bias" (the bias half, see bias_part)
     keys: dict[str, str]  # role -> key in the file (down, up, mid, alpha, w1a, ...)
     infos: dict[str, TensorInfo]  # role -> dtype and shape
     alpha_hint: float | None = None  # PEFT: the alpha the adapter config gives (no alpha tensor)
 
     @property
+    def has_weight(self) -> bool:
+        """Whether the module changes a weight (a full/norm module may hold only its bias change)."""
+        if self.kind == "bias":
+            return False
+        return self.kind not in WEIGHT_ROLE or WEIGHT_ROLE[self.kind] in self.keys
+
+    @property
+    def bias_role(self) -> str | None:
+        return next((r for r in BIAS_ROLES if r in self.keys), None)
+
+    def bias_part(self) -> LoraModule | None:
+        """The bias change (`diff_b` / `b_norm`) as a module of its own (kind "bias"), or None."""
+        role = self.bias_role
+        if role is None:
+            return None
+        return LoraModule(self.name, "bias", {"bias": self.keys[role]}, {"bias": self.infos[role]})
+
+    def _whole(self) -> TensorInfo:
+        """The tensor that is the whole change of a full/norm/bias module."""
+        role = {"bias": "bias"}.get(self.kind) or WEIGHT_ROLE[self.kind]
+        if role not in self.infos:  # a full/norm module with only a bias change
+            role = self.bias_role
+        return self.infos[role]
+
+    @property
     def rank(self) -> int:
+        if self.kind in ("full", "norm", "bias"):
+            return 0  # a whole tensor, no factors
         if self.kind == "lora":
             return self.infos["down"].shape[0]
         if self.kind == "loha":
@@ -93,6 +129,8 @@ class LoraModule:
 
     @property
     def out_features(self) -> int:
+        if self.kind in ("full", "norm", "bias"):
+            return self._whole().shape[0]
         if self.kind == "lora":
             return self.infos["up"].shape[0]
         if self.kind == "loha":
@@ -102,6 +140,8 @@ class LoraModule:
     @property
     def numel(self) -> int:
         """Element count of the weight change this module makes."""
+        if self.kind in ("full", "norm", "bias"):
+            return self._whole().numel
         if self.kind == "lora":
             down = self.infos["down"].shape
             if "mid" in self.infos:
@@ -119,6 +159,8 @@ class LoraModule:
     @property
     def is_conv(self) -> bool:
         """A kernel larger than 1x1 (a 3x3 conv module)."""
+        if self.kind in ("full", "norm", "bias"):
+            return False  # reported as extras, not as LoCon modules
         return any(len(i.shape) == 4 and tuple(i.shape[2:]) != (1, 1) for i in self.infos.values())
 
     def _lokr_factor(self, w: str) -> tuple[int, ...]:
@@ -153,13 +195,17 @@ class LoraFile:
 
     @property
     def kind(self) -> str:
-        """lora, locon (a LoRA with conv modules), loha, lokr (or "mixed" when several LyCORIS kinds)."""
-        kinds = self.kinds - {"lora"}
+        """lora, locon (a LoRA with conv modules), loha, lokr (or "mixed" when several LyCORIS kinds);
+        full/norm modules (extras) do not change it, unless the file has nothing else."""
+        low = self.kinds - set(EXTRA_KINDS)
+        if not low:
+            return "full" if "full" in self.kinds else "norm"
+        kinds = low - {"lora"}
         if len(kinds) > 1:
             return "mixed"
         if kinds:
             return kinds.pop()
-        if any(m.is_conv or CONV_NAME.search(m.name) for m in self.modules.values()):
+        if any(m.kind == "lora" and (m.is_conv or CONV_NAME.search(m.name)) for m in self.modules.values()):
             return "locon"
         return "lora"
 
@@ -180,7 +226,7 @@ class LoraFile:
         factors are small to check, and a NaN in one spoils whole rows of the change)."""
         import torch
 
-        t = {role: self.tensor(module, role) for role in module.keys if role != "alpha"}
+        t = {role: self.tensor(module, role) for role in module.keys if role not in ("alpha", *BIAS_ROLES)}
         for role, factor in t.items():
             if factor.is_floating_point() and not bool(torch.isfinite(factor).all()):
                 raise WorkbenchError(f"{self.path}: module {module.name}: {module.keys[role]} is not finite")
@@ -208,6 +254,8 @@ class LoraFile:
         """The module's weight change (alpha/rank included, no strength) in float32, shaped to `shape`."""
         from workbench.lora import math as lm
 
+        if module.kind in ("full", "norm", "bias"):
+            return self._whole_delta(module, shape)
         t = self.tensors(module)
         alpha = self.alpha(module)
         try:
@@ -232,6 +280,31 @@ class LoraFile:
             )
         except WorkbenchError as e:
             raise WorkbenchError(f"{self.path}: {module.name}: {e}") from None
+
+    def _whole_delta(self, module: LoraModule, shape: tuple[int, ...] | None) -> torch.Tensor:
+        """A full/norm module's weight change (`diff` / `w_norm`), or a bias module's change, in
+        float32 shaped to `shape` (a Linear diff may land on a 1x1 conv and back); no alpha, no scale."""
+        import torch
+
+        role = "bias" if module.kind == "bias" else WEIGHT_ROLE[module.kind]
+        if role not in module.keys:
+            raise WorkbenchError(f"{self.path}: module {module.name} has no {role} tensor")
+        t = self.tensor(module, role)
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise WorkbenchError(f"{self.path}: module {module.name}: {module.keys[role]} is not finite")
+        t = t.to(torch.float32)
+        if shape is None:
+            return t
+        if t.numel() != _prod(shape):
+            raise WorkbenchError(
+                f"{self.path}: {module.keys[role]} is {list(t.shape)}, the weight is {list(shape)}"
+            )
+        return t.reshape(shape)
+
+    def bias_delta(self, module: LoraModule) -> torch.Tensor | None:
+        """The module's bias change (`diff_b` / `b_norm`) in float32, or None."""
+        part = module.bias_part()
+        return None if part is None else self._whole_delta(part, None)
 
     def close(self) -> None:
         self.ckpt.close()
@@ -293,8 +366,12 @@ def _kohya_modules(ckpt: Checkpoint) -> dict[str, LoraModule]:
             mod.kind = "loha"
         elif any(s.startswith("lokr_") for s in suffixes):
             mod.kind = "lokr"
+        elif {"down", "up", "mid"} & set(mod.keys):
+            mod.kind = "lora"  # with diff_b: the module's bias change too
+        elif {"w_norm", "b_norm"} & set(mod.keys):
+            mod.kind = "norm"
         else:
-            mod.kind = "lora"
+            mod.kind = "full"  # diff (+ diff_b), or diff_b alone (the weight unchanged)
     return modules
 
 
@@ -368,10 +445,27 @@ def _config_alpha(config: Mapping, path: str) -> float | None:
 
 
 _NEEDS = {"lora": ({"down", "up"},), "loha": ({"w1a", "w1b", "w2a", "w2b"},)}
+_LOW_RANK_ROLES = {r for s, r in KOHYA_ROLES.items() if s.startswith(("lora_", "hada_", "lokr_"))}
 
 
 def _check_complete(path: Path, mod: LoraModule) -> None:
     roles = set(mod.keys)
+    mixed = {"w_norm", "b_norm"} & roles and ({"diff", "diff_b"} | _LOW_RANK_ROLES) & roles
+    if mixed or ({"diff"} & roles and _LOW_RANK_ROLES & roles):
+        raise WorkbenchError(f"{path}: module {mod.name} mixes {', '.join(sorted(mod.keys.values()))}")
+    if mod.kind in ("full", "norm"):
+        if not roles - {"alpha"}:
+            raise WorkbenchError(f"{path}: module {mod.name} has no tensor")
+        weight, bias = mod.infos.get(WEIGHT_ROLE[mod.kind]), mod.infos.get(mod.bias_role or "")
+        if bias is not None and (
+            len(bias.shape) != 1 or (weight is not None and bias.shape[0] != weight.shape[0])
+        ):
+            shown = list(weight.shape) if weight is not None else "no"
+            raise WorkbenchError(
+                f"{path}: module {mod.name}: {mod.keys[mod.bias_role]} is {list(bias.shape)}, "
+                f"not one value per output of its {shown} weight change"
+            )
+        return
     if mod.kind in _NEEDS:
         lacking = sorted(_NEEDS[mod.kind][0] - roles)
         if lacking:
@@ -389,6 +483,13 @@ def _check_complete(path: Path, mod: LoraModule) -> None:
         if len(down) not in (2, 4) or len(up) not in (2, 4) or up[1] != down[0]:
             raise WorkbenchError(
                 f"{path}: module {mod.name}: lora_up {list(up)} and lora_down {list(down)} do not multiply"
+            )
+    if mod.bias_role is not None:
+        bias = mod.infos[mod.bias_role]
+        if len(bias.shape) != 1 or bias.shape[0] != mod.out_features:
+            raise WorkbenchError(
+                f"{path}: module {mod.name}: {mod.keys[mod.bias_role]} is {list(bias.shape)}, "
+                f"the module has {mod.out_features} outputs"
             )
 
 
@@ -526,6 +627,11 @@ class WriteResult:
     bytes: int
     sshs_model_hash: str
     zeroed: int  # entries that were non-zero in float32 and became exactly 0 in the save dtype
+    extra_tensors: int = 0  # diff / diff_b / w_norm / b_norm tensors written
+    extra_bytes: int = 0  # their data
+
+
+EXTRA_SUFFIXES = ("diff", "diff_b", "w_norm", "b_norm")
 
 
 def write_kohya(
@@ -534,16 +640,20 @@ def write_kohya(
     metadata: Mapping[str, str],
     dtype: str = "F16",
     inputs: Iterable[str | os.PathLike] = (),
+    extras: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
 ) -> WriteResult:
     """Write a kohya LoRA: for each module (in the given order) `NAME.lora_down.weight`,
-    `NAME.lora_up.weight` in `dtype` and `NAME.alpha` (0-dim float32), plus `metadata` and
-    `sshs_model_hash` (sha256 of the data section, computed before writing, equal to what A1111
-    recomputes from the file). Nothing is left behind on error."""
+    `NAME.lora_up.weight` in `dtype` and `NAME.alpha` (0-dim float32), then the `extras`
+    (name -> {"diff" | "diff_b" | "w_norm" | "b_norm": tensor}, whole changes in `dtype`: LyCORIS
+    full/norm modules, or `diff_b` of a module above), plus `metadata` and `sshs_model_hash`
+    (sha256 of the data section, computed before writing, equal to what A1111 recomputes from the
+    file). Nothing is left behind on error."""
     import torch
 
     from workbench.checkpoint.safetensors_io import _tensor_bytes, torch_dtypes
 
-    if not modules:
+    extras = extras or {}
+    if not modules and not extras:
         raise WorkbenchError(f"{path}: no module to write")
     target = torch_dtypes()[dtype]
     tensors: dict[str, torch.Tensor] = {}
@@ -558,6 +668,20 @@ def write_kohya(
             zeroed += int(((cast == 0) & (t != 0)).sum())
             tensors[f"{name}.{role}"] = cast
         tensors[f"{name}.alpha"] = torch.tensor(float(mod.alpha), dtype=torch.float32)
+    extra_tensors = extra_bytes = 0
+    for name, parts in extras.items():
+        if not name.startswith(KOHYA_PREFIXES):
+            raise WorkbenchError(f"{name}: not a kohya module name")
+        for role, t in parts.items():
+            if role not in EXTRA_SUFFIXES:
+                raise WorkbenchError(f"{name}: {role} is not one of {', '.join(EXTRA_SUFFIXES)}")
+            if not torch.isfinite(t).all():
+                raise WorkbenchError(f"{name}: {role} is not finite")
+            cast = t.detach().to(target).contiguous()
+            zeroed += int(((cast == 0) & (t != 0)).sum())
+            tensors[f"{name}.{role}"] = cast
+            extra_tensors += 1
+            extra_bytes += cast.numel() * cast.element_size()
     h = hashlib.sha256()
     for t in tensors.values():
         h.update(_tensor_bytes(t))
@@ -568,4 +692,6 @@ def write_kohya(
     with SafetensorsWriter(out, plan, meta, inputs) as w:
         for k, t in tensors.items():
             w.write(k, t)
-    return WriteResult(out, len(modules), out.stat().st_size, meta["sshs_model_hash"], zeroed)
+    return WriteResult(
+        out, len(modules), out.stat().st_size, meta["sshs_model_hash"], zeroed, extra_tensors, extra_bytes
+    )

@@ -217,8 +217,9 @@ class LoraState:
     def __init__(self, pipe, checkpoint: Path):
         self.pipe, self.checkpoint = pipe, Path(checkpoint)
         self.active: tuple[tuple[str, float, float], ...] = ()
-        self.backup: dict[tuple[str, str], torch.Tensor] = {}
-        self.specs: dict[tuple[str, str], tuple] = {}  # module -> ((lora, module name, m), ...)
+        self.backup: dict[tuple[str, str, str], torch.Tensor] = {}
+        # (component, module, "weight" or "bias") -> ((lora, module name, m), ...)
+        self.specs: dict[tuple[str, str, str], tuple] = {}
         self.factors: dict[tuple[str, str], dict] = {}
         self.text_encoder_changed = False  # whether the text encoders hold LoRA changes now
 
@@ -229,8 +230,8 @@ class LoraState:
 
     @torch.no_grad()
     def restore(self) -> None:
-        for (component, path), original in self.backup.items():
-            _module(getattr(self.pipe, component), path).weight.copy_(original)
+        for (component, path, param), original in self.backup.items():
+            getattr(_module(getattr(self.pipe, component), path), param).copy_(original)
         self.backup.clear()
         self.specs.clear()
         self.active = ()
@@ -258,24 +259,24 @@ class LoraState:
         caller's prompt embeddings are then stale)."""
         if loras == self.active:
             return False
-        wanted: dict[tuple[str, str], list] = {}
+        wanted: dict[tuple[str, str, str], list] = {}
         for path, te, unet in loras:
             binding = binding_for(Path(path), self.checkpoint)
             for pairs in binding.by_key.values():
                 for module, target in pairs:
                     m = unet if target.component == "unet" else te
                     if m != 0:
-                        key = (target.component, target.module)
+                        key = (target.component, target.module, target.param)
                         wanted.setdefault(key, []).append((path, binding, module, m))
         specs = {k: tuple((p, mod.name, m) for p, _, mod, m in v) for k, v in wanted.items()}
         te_changed = False
         for key in [k for k in self.backup if k not in wanted]:  # no LoRA on it any more
-            _module(getattr(self.pipe, key[0]), key[1]).weight.copy_(self.backup.pop(key))
+            getattr(_module(getattr(self.pipe, key[0]), key[1]), key[2]).copy_(self.backup.pop(key))
             te_changed |= key[0] != "unet"
         for key, contributions in wanted.items():
             if self.specs.get(key) == specs[key]:
                 continue  # the same LoRAs at the same strengths: already in place
-            weight = _module(getattr(self.pipe, key[0]), key[1]).weight
+            weight = getattr(_module(getattr(self.pipe, key[0]), key[1]), key[2])  # weight or bias
             if key not in self.backup:
                 self.backup[key] = weight.detach().clone()
             updated = self.backup[key].float()

@@ -5,7 +5,9 @@ Binding checks everything from the two headers before any tensor data is read (L
 the families agree, every module names a module of the base, and every module's change has the
 shape of the weight it lands on (1x1 conv <-> Linear reshaped; anything else refused, naming the
 module). Applying computes in float32: W' = W + m * dW per module; OpenCLIP's fused q/k/v get
-each delta on its row slice, `text_projection` the transposed delta.
+each delta on its row slice, `text_projection` the transposed delta. A module's bias change
+(`diff_b`, `b_norm`) is bound to the bias key as a module of its own (kind "bias") and, like LyCORIS
+full/norm modules, goes through `LoraFile.delta` (b' = b + m * diff_b; no alpha).
 """
 
 from __future__ import annotations
@@ -39,13 +41,15 @@ class LoraBinding:
 
     @property
     def modules(self) -> int:
-        return sum(len(v) for v in self.by_key.values())
+        """Modules of the file that landed (a module's bias half is not counted again)."""
+        return sum(1 for pairs in self.by_key.values() for m, _ in pairs if m.kind != "bias")
 
     def components(self) -> dict[str, int]:
         counts: dict[str, int] = {}
         for pairs in self.by_key.values():
-            for _, t in pairs:
-                counts[t.component] = counts.get(t.component, 0) + 1
+            for m, t in pairs:
+                if m.kind != "bias":
+                    counts[t.component] = counts.get(t.component, 0) + 1
         return counts
 
     def apply(self, key: str, weight: torch.Tensor, strength: float, out_dtype: str | None = None) -> None:
@@ -192,8 +196,19 @@ def bind_lora(
                 f"{lora.path}: modules {seen[target.name]} and {name} both change {target.name}"
             )
         seen[target.name] = name
-        _check_shape(lora, module, target)
-        by_key.setdefault(target.key, []).append((module, target))
+        if module.has_weight:
+            _check_shape(lora, module, target)
+            by_key.setdefault(target.key, []).append((module, target))
+        bias = module.bias_part()  # diff_b / b_norm: the module's bias, a whole-tensor change
+        if bias is not None:
+            bias_target = target.bias_target(base_infos)
+            if bias_target is None:
+                raise WorkbenchError(
+                    f"{lora.path}: module {name} changes a bias ({bias.keys['bias']}), "
+                    f"{target.key} has none in {base_name}"
+                )
+            _check_shape(lora, bias, bias_target)
+            by_key.setdefault(bias_target.key, []).append((bias, bias_target))
     if unmatched:
         shown = ", ".join(unmatched[:3]) + (", ..." if len(unmatched) > 3 else "")
         raise WorkbenchError(
@@ -228,4 +243,6 @@ def _described_shape(module: LoraModule) -> str:
     if module.kind == "lora":
         down = module.infos["down"].shape
         return str([module.out_features, *down[1:]])
+    if module.kind in ("full", "norm", "bias"):
+        return str(list(module._whole().shape))
     return f"{module.numel}-element"

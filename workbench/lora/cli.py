@@ -125,7 +125,8 @@ def extract_command(
     conv_rank: int | None = typer.Option(
         None,
         "--conv-rank",
-        help="Also extract the ResNet and sampler convs, 3x3 kernels at this rank (LoCon).",
+        help="Rank of the ResNet and sampler convs' 3x3 kernels (a LoCon; default: the --rank, as "
+        "LyCORIS' extract_locon takes every conv). --conv-rank 0: leave them out (kohya's default set).",
     ),
     components: str = typer.Option("unet,te", "--components", help="unet, te or unet,te."),
     alpha: float | None = typer.Option(
@@ -146,20 +147,31 @@ def extract_command(
         0.0, "--min-diff", help="Leave the text encoder out when no entry differs by more (kohya: 0.01)."
     ),
     dtype: str = typer.Option("fp16", "--dtype", help="Save dtype: fp16, bf16 or fp32."),
+    lora_only: bool = typer.Option(
+        False,
+        "--lora-only",
+        "--no-extras",
+        help="Write only lora_up/lora_down/alpha (a pure kohya LoRA, which diffusers also loads): no "
+        "diff_b / w_norm / b_norm / diff keys for biases, norms, conv_in/conv_out and time embedding.",
+    ),
     output: Path = typer.Option(..., "-o", "--output", help="The LoRA .safetensors to write."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="One line per module."),
 ) -> None:
-    """Extract a LoRA from a fine-tune: per module the best rank-R approximation of (tuned - base) by SVD."""
+    """Extract a LoRA from a fine-tune: per module the best rank-R approximation of (tuned - base) by SVD,
+    plus (unless --lora-only) the exact changes of biases, norms, conv_in/conv_out and the time embedding
+    in the keys A1111 and ComfyUI read (diff_b, w_norm/b_norm, diff)."""
     from workbench.lora.extract import extract
 
     comps = [c.strip() for c in components.split(",") if c.strip()]
+    if conv_rank is None:
+        conv_rank = rank  # a full fine-tune moves the ResNet convs most: leaving them out loses its look
     with _progress("extracting", "extract") as progress:
         res = extract(
             tuned,
             base,
             output,
             rank,
-            conv_rank,
+            conv_rank or None,
             comps,
             alpha,
             None,
@@ -169,6 +181,7 @@ def extract_command(
             _save_dtype(dtype),
             progress,
             _command("extract", _argv_tail()),
+            extras=not lora_only,
         )
     if verbose:
         table = Table(title="modules", title_justify="left")
@@ -177,18 +190,39 @@ def extract_command(
         for m in res.modules:
             table.add_row(m.name, str(m.rank), f"{m.norm:.4g}", f"{m.kept:.2%}")
         out.print(table)
-    worst = min(res.modules, key=lambda m: m.kept)
+    worst = min(res.modules, key=lambda m: m.kept) if res.modules else None
+    least = f" (least: {worst.kept:.2%} in {worst.name})" if worst else ""
     out.print(
         f"wrote [bold]{res.path}[/] ({res.family}, {len(res.modules)} modules, "
         f"{human_bytes(res.path.stat().st_size)}) "
-        f"in {res.seconds:.1f} s: the rank keeps {res.kept:.2%} of the difference's Frobenius norm "
-        f"(least: {worst.kept:.2%} in {worst.name})",
+        f"in {res.seconds:.1f} s: the rank keeps {res.kept:.2%} of the difference's Frobenius norm{least}",
         highlight=False,
     )
+    if res.extras:
+        parts = {"norm": "norm modules (w_norm, b_norm)", "full": "full modules (diff, diff_b)",
+                 "diff_b": "bias changes (diff_b)"}  # fmt: skip
+        listed = ", ".join(f"{n} {parts[k]}" for k, n in res.extras.items())
+        out.print(
+            f"+ extras, exact: {listed}, {human_bytes(res.extra_bytes)}: A1111 and ComfyUI apply them; "
+            "[yellow]diffusers' load_lora_weights refuses such a file[/] (--lora-only writes none)",
+            highlight=False,
+        )
+    if res.file_share < 0.9995:
+        lost = {**res.left_out, "the rank's truncation": 1 - res.file_share - sum(res.left_out.values())}
+        gone = ", ".join(
+            f"{k} {v:.1%}" if v >= 0.001 else f"{k} <0.1%"
+            for k, v in sorted(lost.items(), key=lambda kv: -kv[1])
+            if v > 0
+        )
+        out.print(
+            f"the file holds {res.file_share:.1%} of the whole difference's energy (squared Frobenius "
+            f"norm); not in it: {gone}",
+            highlight=False,
+        )
     if res.conv_share is not None and res.conv_share > 0.05:
         out.print(
             f"[yellow]{res.conv_share:.0%} of the difference is in ResNet/sampler convs, not extracted[/]: "
-            "add --conv-rank R to take them too (a LoCon, as kohya's conv_dim)",
+            "give --conv-rank R (not 0) to take them too (a LoCon, as kohya's conv_dim)",
             highlight=False,
         )
     if res.te_dropped:
@@ -321,6 +355,11 @@ def print_lora_description(d, as_json: bool) -> None:
             name, str(g.modules), f"{g.params:,}", _counts(g.ranks), _counts(g.alphas), _counts(g.scales)
         )
     out.print(table)
+    if d.extras:
+        parts = {"diff_b": "bias changes of LoRA modules (diff_b)", "norm": "norm modules (w_norm/b_norm)",
+                 "full": "full modules (diff/diff_b)"}  # fmt: skip
+        listed = ", ".join(f"{n} {parts[k]}" for k, n in d.extras.items())
+        out.print(f"extras (whole changes, no rank): {listed}, {d.extra_params:,} params", highlight=False)
     dtypes = ", ".join(f"{k} {v:,}" for k, v in sorted(d.dtypes.items()))
     out.print(f"dtypes: {dtypes}", highlight=False)
     if d.training:

@@ -25,6 +25,7 @@ import torch
 
 from workbench.checkpoint.hashing import sha256_file
 from workbench.checkpoint.lora_format import (
+    EXTRA_KINDS,
     KohyaModule,
     LoraFile,
     LoraModule,
@@ -92,13 +93,16 @@ def resize(
     lora = open_lora(in_path)
     try:
         for m in lora.modules.values():  # refuse from the header first
-            if m.kind != "lora" or "mid" in m.keys:
+            if m.kind not in EXTRA_KINDS and (m.kind != "lora" or "mid" in m.keys):
                 _factors(lora, m)
         modules: dict[str, KohyaModule] = {}
         reports = []
         ranks: dict[int, int] = {}
-        old_ranks = sorted({m.rank for m in lora.modules.values()})
+        extras = _extras(lora, 1.0, lambda n: n)  # whole changes: carried unchanged
+        old_ranks = sorted({m.rank for m in lora.modules.values() if m.kind not in EXTRA_KINDS})
         for i, (name, m) in enumerate(lora.modules.items()):
+            if m.kind in EXTRA_KINDS:
+                continue
             up, down, alpha = _factors(lora, m)
             scale = lm.scale_of(alpha, m.rank)
             shape = _natural_shape(up, down)
@@ -111,6 +115,8 @@ def resize(
             ranks[low.rank] = ranks.get(low.rank, 0) + 1
             if progress is not None:
                 progress(i + 1, len(lora.modules))
+        if not modules:
+            raise WorkbenchError(f"{lora.path}: no LoRA module to resize (only full/norm modules)")
         kept, worst = _kept(reports)
         meta = _carried_metadata(lora)
         alphas = {round(mod.alpha, 6) for mod in modules.values()}
@@ -133,7 +139,9 @@ def resize(
         )
         if command:
             meta["wb.made_by"] = command
-        written = write_kohya(out_path, modules, meta, _save_dtype(lora, dtype), inputs=[lora.path])
+        written = write_kohya(
+            out_path, modules, meta, _save_dtype(lora, dtype), inputs=[lora.path], extras=extras
+        )
     finally:
         lora.close()
     return CombineReport(written.path, len(modules), ranks, kept, worst, written.zeroed)
@@ -187,13 +195,28 @@ def merge_loras(
         rename = _renamer(base, family) if base is not None else None
         for lora in loras:
             for m in lora.modules.values():
-                if m.kind != "lora" or "mid" in m.keys:
+                if m.kind not in EXTRA_KINDS and (m.kind != "lora" or "mid" in m.keys):
                     _factors(lora, m)
         order: dict[str, list[tuple[LoraFile, LoraModule, float]]] = {}
+        extras: dict[str, dict[str, torch.Tensor]] = {}
         for lora, (_, strength) in zip(loras, specs, strict=True):
+            named = (lambda n, lo=lora: rename(lo, n)) if rename else (lambda n: n)
+            for name, parts in _extras(lora, strength, named).items():  # whole changes: m_i-weighted sum
+                into = extras.setdefault(name, {})
+                for role, t in parts.items():
+                    if role in into and into[role].shape != t.shape:
+                        raise WorkbenchError(f"module {name}: the LoRAs give its {role} different shapes")
+                    into[role] = into[role] + t if role in into else t
             for name, m in lora.modules.items():
+                if m.kind in EXTRA_KINDS:
+                    continue
                 key = rename(lora, name) if rename else name
                 order.setdefault(key, []).append((lora, m, strength))
+        for name in order:
+            if set(extras.get(name, {})) & {"diff", "w_norm"}:
+                raise WorkbenchError(
+                    f"module {name} is a LoRA module in one file and a full change in another"
+                )
         modules: dict[str, KohyaModule] = {}
         reports = []
         ranks: dict[int, int] = {}
@@ -240,11 +263,22 @@ def merge_loras(
             title=Path(out_path).stem,
             extra=extra,
         )
-        written = write_kohya(out_path, modules, meta, dtype, inputs=[lo.path for lo in loras])
+        written = write_kohya(out_path, modules, meta, dtype, inputs=[lo.path for lo in loras], extras=extras)
     finally:
         for lo in loras:
             lo.close()
     return CombineReport(written.path, len(modules), ranks, kept, worst, written.zeroed)
+
+
+def _extras(lora: LoraFile, strength: float, named) -> dict[str, dict[str, torch.Tensor]]:
+    """strength * the whole changes of a file (full/norm modules, diff_b of the others), by suffix."""
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for name, m in lora.modules.items():
+        roles = [r for r in m.keys if r != "alpha"] if m.kind in EXTRA_KINDS else [m.bias_role]
+        parts = {r: strength * lora.tensor(m, r).to(F32) for r in roles if r is not None}
+        if parts:
+            out[named(name)] = parts
+    return out
 
 
 def _natural_shape(up: torch.Tensor, down: torch.Tensor) -> tuple[int, ...]:

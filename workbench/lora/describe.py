@@ -8,7 +8,7 @@ import json
 import os
 from collections import Counter
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from workbench.checkpoint.hashing import autov2, sha256_file
@@ -54,6 +54,9 @@ class LoraDescription:
     training: dict[str, str]  # the ss_* keys worth showing, in order
     tags: list[tuple[str, int]]  # the most frequent dataset tags (ss_tag_frequency), summed over folders
     tag_count: int
+    # LyCORIS full/norm modules and diff_b bias changes (counts), and their parameters
+    extras: dict[str, int] = field(default_factory=dict)
+    extra_params: int = 0
     sha256: str | None = None
     autov2: str | None = None
     sshs_model_hash: str | None = None  # computed from the file
@@ -91,8 +94,17 @@ def describe_lora(
     groups: dict[str, ModuleGroup] = {}
     dtypes: Counter[str] = Counter()
     params = 0
+    extras: Counter[str] = Counter()
+    extra_params = 0
     for name, m in lora.modules.items():
+        if m.bias_role is not None and m.kind not in ("full", "norm"):
+            extras["diff_b"] += 1
+            extra_params += m.infos[m.bias_role].numel
+        if m.kind in ("full", "norm"):
+            extras[m.kind] += 1
+            extra_params += sum(i.numel for r, i in m.infos.items() if r != "alpha")
         g = group_of(name) + (" conv" if m.is_conv and group_of(name) == "UNet" else "")
+        g += f" {m.kind}" if m.kind in ("full", "norm") else ""
         grp = groups.setdefault(g, ModuleGroup(0, 0, {}, {}, {}))
         n = sum(i.numel for r, i in m.infos.items() if r != "alpha")
         grp.modules += 1
@@ -103,7 +115,7 @@ def describe_lora(
                 dtypes[i.dtype] += i.numel
         rank = m.rank
         alpha = lora.alpha(m)
-        _count(grp.ranks, str(rank))
+        _count(grp.ranks, m.kind if m.kind in ("full", "norm") else str(rank))
         _count(grp.alphas, _fmt(alpha))
         _count(grp.scales, _fmt(_scale(m, alpha)))
     meta = lora.metadata
@@ -128,6 +140,8 @@ def describe_lora(
         training=training,
         tags=tags,
         tag_count=tag_count,
+        extras=dict(extras),
+        extra_params=extra_params,
         sha256=digest,
         autov2=autov2(digest) if digest else None,
         sshs_model_hash=data_sha256(lora.path) if with_hash else None,

@@ -11,6 +11,16 @@ Modules follow kohya's selection (names.py groups): the transformer modules of t
 and the text encoder layers ("te"); with a conv rank, also the ResNet and sampler modules ("conv":
 3x3 kernels at the conv rank, linear and 1x1 ones at the rank, as kohya's LoRA-C3Lier does).
 Tensors are read one module at a time from the memory-mapped inputs.
+
+Extras (on unless `extras=False`, the CLI's `--lora-only`): what no low-rank module can hold, in the
+keys ComfyUI and A1111 read (docs/lora.md has the table, from their source): `NAME.diff_b` for the
+bias change of a module written above, LyCORIS "norm" modules (`w_norm` + `b_norm`) for the UNet's
+GroupNorm/LayerNorm layers and LyCORIS "full" modules (`diff` + `diff_b`) for conv_in, conv_out and
+the time/add embedding linears. Exact (no SVD), tiny, skipped where the difference is exactly zero.
+A1111 accepts a module only as a whole (a lone `diff_b`, or `w_norm` without `b_norm`, makes it refuse
+the file), so norms always carry both tensors and a bias change on a module whose weight did not
+change is written as `diff` (zeros) + `diff_b`. ResNet convs stay out unless a conv rank is given,
+and with them their biases. diffusers' `load_lora_weights` refuses files with these keys.
 """
 
 from __future__ import annotations
@@ -57,6 +67,12 @@ class ExtractResult:
     # Without a conv rank: the share of the LoRA-able difference's energy (squared Frobenius norm)
     # that sits in the ResNet/sampler convs left out (kohya's LoCon modules); None when they are in.
     conv_share: float | None = None
+    extras: dict[str, int] = field(default_factory=dict)  # "full" / "norm" modules, "diff_b" biases
+    extra_bytes: int = 0
+    # Of the whole difference of the extracted components (every float tensor, squared Frobenius
+    # norm): the share the file holds (low-rank part as kept + extras), and what it leaves out by kind.
+    file_share: float = 1.0
+    left_out: dict[str, float] = field(default_factory=dict)
 
 
 def _diff(tuned, base, t: Target) -> torch.Tensor:
@@ -84,10 +100,11 @@ def extract(
     dtype: str = "F16",
     progress: Callable[[int, int], None] | None = None,
     command: str | None = None,
+    extras: bool = True,
 ) -> ExtractResult:
     started = time.perf_counter()
     if rank < 1 or (conv_rank is not None and conv_rank < 1):
-        raise WorkbenchError(f"--rank {rank}: ranks must be at least 1")
+        raise WorkbenchError(f"--rank {rank}, --conv-rank {conv_rank}: ranks must be at least 1")
     comps = set()
     for c in components:
         if c not in COMPONENTS:
@@ -114,7 +131,14 @@ def extract(
         left_out = [
             t for t in all_targets.values() if t.group == "conv" and not conv_rank and "unet" in comps
         ]
-        for t in targets:  # everything checked from the headers first
+        extra_targets = [
+            t for t in all_targets.values()
+            if extras and "unet" in comps and t.component == "unet" and t.group in ("norm", "extra")
+        ]  # fmt: skip
+        checked = [*targets, *extra_targets]
+        if extras:
+            checked += [b for t in checked if (b := t.bias_target(base.infos)) is not None]
+        for t in checked:  # everything checked from the headers first
             other = tuned.infos.get(t.key)
             if other is None:
                 raise WorkbenchError(f"{tuned.path}: no {t.key} (it is in {base.path})")
@@ -130,7 +154,8 @@ def extract(
         te_dropped = False
         te = [t for t in targets if t.component != "unet"]
         if te:
-            biggest = max(float(_diff(tuned, base, t).abs().max()) for t in te)
+            parts = [*te, *(b for t in te if extras and (b := t.bias_target(base.infos)) is not None)]
+            biggest = max(float(_diff(tuned, base, t).abs().max()) for t in parts)
             if biggest <= min_diff:
                 te_dropped = True
                 targets = [t for t in targets if t.component == "unet"]
@@ -154,11 +179,19 @@ def extract(
                 kept_energy += norm2 * low.kept**2
             if progress is not None:
                 progress(i + 1, len(targets))
-        if not modules:
+        extra_parts, counts, extra_energy = (
+            _extras(tuned, base, targets, extra_targets, modules) if extras else ({}, {}, 0.0)
+        )
+        if not modules and not extra_parts:
             raise WorkbenchError(
                 f"{tuned.path} and {base.path} do not differ in any module: nothing to extract"
             )
         overall = (kept_energy / energy) ** 0.5 if energy else 1.0
+        covered = {t.key for t in targets if t.name in modules}
+        for name, parts in extra_parts.items():
+            covered.update(_extra_keys(all_targets[name], parts, base.infos))
+        total, left_by_kind = _whole_difference(tuned, base, family, comps, covered, all_targets)
+        file_share = (kept_energy + extra_energy) / total if total else 1.0
         conv_share = None
         if left_out:  # what kohya's default set misses: ResNet convs carry much of a full fine-tune
             conv_energy = sum(float(_diff(tuned, base, t).double().pow(2).sum()) for t in left_out)
@@ -172,6 +205,7 @@ def extract(
             "svd": method, "clamp_quantile": clamp_quantile, "min_diff": min_diff,
             "components": sorted(comps), "te_dropped": te_dropped, "fro_kept": round(overall, 6),
             "conv_share_left_out": None if conv_share is None else round(conv_share, 6),
+            "extras": counts, "file_share": round(file_share, 6),
         }  # fmt: skip
         extra = {
             "ss_sd_model_name": base.path.name,
@@ -187,12 +221,80 @@ def extract(
             conv_alpha=float(conv_alpha if conv_alpha is not None else conv_rank) if conv_rank else None,
             v_prediction="v-prediction" in variants, title=out.stem, extra=extra,
         )  # fmt: skip
-        written = write_kohya(out, modules, meta, dtype, inputs=[tuned.path, base.path])
+        written = write_kohya(out, modules, meta, dtype, inputs=[tuned.path, base.path], extras=extra_parts)
     finally:
         tuned.close()
         base.close()
     return ExtractResult(out, family, reports, overall, skipped, te_dropped, time.perf_counter() - started,
-                         written.zeroed, meta, conv_share)  # fmt: skip
+                         written.zeroed, meta, conv_share, counts, written.extra_bytes, file_share,
+                         left_by_kind)  # fmt: skip
+
+
+def _nonzero(d: torch.Tensor | None) -> bool:
+    return d is not None and bool((d != 0).any())
+
+
+def _extras(tuned, base, targets: list[Target], extra_targets: list[Target], modules: dict):
+    """(name -> {suffix: tensor}, counts by kind, their energy): the bias changes of the low-rank
+    targets, norm modules and full modules, exact, each only where something changed."""
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    counts = {"diff_b": 0, "norm": 0, "full": 0}
+    for t in targets:
+        bias = t.bias_target(base.infos)
+        db = _diff(tuned, base, bias) if bias is not None else None
+        if not _nonzero(db):
+            continue
+        if t.name in modules:
+            out[t.name] = {"diff_b": db}
+            counts["diff_b"] += 1
+        else:  # the weight did not change: a full module, as A1111 accepts no lone diff_b
+            out[t.name] = {"diff": torch.zeros(t.shape), "diff_b": db}
+            counts["full"] += 1
+    for t in extra_targets:
+        dw = _diff(tuned, base, t)
+        bias = t.bias_target(base.infos)
+        db = _diff(tuned, base, bias) if bias is not None else None
+        if not (_nonzero(dw) or _nonzero(db)):
+            continue
+        # A1111 takes a norm module only with both tensors, a full module only with its diff
+        w, b = ("w_norm", "b_norm") if t.group == "norm" else ("diff", "diff_b")
+        keep_b = db is not None and (t.group == "norm" or _nonzero(db))
+        out[t.name] = {w: dw, **({b: db} if keep_b else {})}
+        counts["norm" if t.group == "norm" else "full"] += 1
+    energy = sum(float(x.double().pow(2).sum()) for parts in out.values() for x in parts.values())
+    return out, {k: v for k, v in counts.items() if v}, energy
+
+
+def _extra_keys(t: Target, parts, infos) -> list[str]:
+    keys = [t.key] if set(parts) & {"diff", "w_norm"} else []
+    bias = t.bias_target(infos)
+    return keys + ([bias.key] if bias is not None and set(parts) & {"diff_b", "b_norm"} else [])
+
+
+def _whole_difference(tuned, base, family: str, comps: set[str], covered: set[str], targets) -> tuple:
+    """(energy of the whole difference of the extracted components, share left out of the file by
+    kind): every float tensor of the UNet / text encoders, the written ones excluded."""
+    from workbench.lora.names import TEXT_ENCODERS, UNET_PREFIX
+
+    prefixes = {"unet": UNET_PREFIX, **{c: p for c, (p, _, _) in TEXT_ENCODERS[family].items()}}
+    wanted = tuple(p for c, p in prefixes.items() if c in comps)
+    conv = {k for t in targets.values() if t.group == "conv" for k in (t.key, t.bias_key) if k}
+    total, left = 0.0, {}
+    for key, info in base.infos.items():
+        if not key.startswith(wanted) or info.dtype not in ("F16", "BF16", "F32", "F64"):
+            continue
+        if key not in tuned.infos or tuned.infos[key].shape != info.shape:
+            continue
+        e = float((tuned[key].to(torch.float64) - base[key].to(torch.float64)).pow(2).sum())
+        total += e
+        if e and key not in covered:
+            what = (
+                "ResNet/sampler convs" if key in conv
+                else "text encoder (norms, embeddings, ...)" if not key.startswith(UNET_PREFIX)
+                else "other UNet tensors"
+            )  # fmt: skip
+            left[what] = left.get(what, 0.0) + e
+    return total, {k: v / total for k, v in left.items()} if total else {}
 
 
 def _arch(ckpt):

@@ -27,14 +27,21 @@ Module groups (which modules kohya adapts, LORA.md 1.1):
 - "te": self_attn q/k/v/out_proj and mlp fc1/fc2 of every text encoder layer;
 - "extra": modules kohya never adapts but other trainers do and readers map (conv_in, conv_out, the
   time and add embeddings, OpenCLIP's text_projection, SD2's unused 24th layer): baked when a file
-  has them, never written by wb's extraction.
+  has them; wb's extraction writes the UNet ones as LyCORIS "full" modules (`diff` + `diff_b`);
+- "norm": the UNet's GroupNorm/LayerNorm layers (ResNet norm1/norm2, the transformers' norm,
+  norm1..3, conv_norm_out), LyCORIS "norm" modules (`w_norm` + `b_norm`); SD1/SD2 conv_norm_out is
+  spelled `lora_unet_out_0` (A1111 resolves no diffusers spelling of it; ComfyUI reads both);
+- "te_norm": the text encoders' layer norms (read and baked; A1111 resolves them, ComfyUI does not,
+  so wb's extraction does not write them).
+Every target whose weight has a bias also names it (`bias_key`): `NAME.diff_b` / `NAME.b_norm` land
+there (docs/lora.md has which loader reads which key).
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from workbench.checkpoint.safetensors_io import TensorInfo
 from workbench.errors import WorkbenchError
@@ -50,7 +57,7 @@ TEXT_ENCODERS = {
     },
 }
 FAMILIES = ("sd1", "sd2", "sdxl")
-GROUPS = ("attn", "conv", "te", "extra")
+GROUPS = ("attn", "conv", "te", "extra", "norm", "te_norm")
 # The regexes of LORA.md 1.1 (checked there to give kohya's counts), on diffusers module paths.
 UNET_ATTN_RE = re.compile(
     r"(down_blocks\.\d+\.|up_blocks\.\d+\.|mid_block\.)attentions\.\d+\.(proj_in|proj_out|"
@@ -93,6 +100,24 @@ class Target:
     group: str  # "attn" | "conv" | "te" | "extra"
     part: int | None = None  # 0/1/2: q/k/v rows of a fused OpenCLIP in_proj_weight
     transpose: bool = False  # OpenCLIP text_projection: the LDM tensor is the module weight transposed
+    param: str = "weight"  # "bias": the target is the module's bias (`key` is then the bias key)
+
+    @property
+    def bias_key(self) -> str | None:
+        """The LDM key of the module's bias (the base may not have one), None for text_projection."""
+        if self.transpose or self.param == "bias":
+            return None
+        if self.key.endswith("in_proj_weight"):
+            return self.key[: -len("weight")] + "bias"
+        return self.key[: -len("weight")] + "bias" if self.key.endswith(".weight") else None
+
+    def bias_target(self, infos: Mapping[str, TensorInfo]) -> Target | None:
+        """The same module's bias as a target (q/k/v: its rows of the fused in_proj_bias), or None
+        when the base has no bias there."""
+        key = self.bias_key
+        if key is None or key not in infos:
+            return None
+        return replace(self, key=key, shape=(self.shape[0],), param="bias")
 
     @property
     def rows(self) -> tuple[int, int] | None:
@@ -104,7 +129,9 @@ class Target:
 
     @property
     def kind(self) -> str:
-        """The weight kind: "linear", "conv1x1" or "conv" (any larger kernel)."""
+        """The weight kind: "linear", "conv1x1", "conv" (any larger kernel) or "vector" (norms, biases)."""
+        if len(self.shape) == 1:
+            return "vector"
         if len(self.shape) == 2:
             return "linear"
         return "conv1x1" if tuple(self.shape[2:]) == (1, 1) else "conv"
@@ -217,7 +244,7 @@ def _unet_targets(infos: Mapping[str, TensorInfo], family: str) -> list[Target]:
     weights = {
         k[len(UNET_PREFIX) : -len(".weight")]: info
         for k, info in infos.items()
-        if k.startswith(UNET_PREFIX) and k.endswith(".weight") and len(info.shape) in (2, 4)
+        if k.startswith(UNET_PREFIX) and k.endswith(".weight") and len(info.shape) in (1, 2, 4)
     }
     layers = layers_per_block(weights)
     attention_blocks = {
@@ -226,10 +253,14 @@ def _unet_targets(infos: Mapping[str, TensorInfo], family: str) -> list[Target]:
     out = []
     for ldm_path, info in weights.items():
         path = unet_module_to_diffusers(ldm_path, layers, attention_blocks)
-        group = _unet_group(path) if path else None
+        if path is None:
+            continue
+        group = "norm" if len(info.shape) == 1 else _unet_group(path)
         if group is None:
             continue
-        spelled = ldm_path if family == "sdxl" else path
+        # SDXL: LDM paths (kohya's); SD1/SD2: diffusers paths, but conv_norm_out, which A1111's
+        # conversion cannot resolve, in its LDM spelling (A1111's lora_unet_ -> diffusion_model_ fallback)
+        spelled = ldm_path if family == "sdxl" or path == "conv_norm_out" else path
         out.append(
             Target(
                 mangle("lora_unet", spelled),
@@ -253,6 +284,8 @@ _OPEN_CLIP_RE = re.compile(
     r"transformer\.resblocks\.(\d+)\."
     r"(attn\.in_proj_weight|attn\.out_proj\.weight|mlp\.c_fc\.weight|mlp\.c_proj\.weight)"
 )
+_CLIP_NORM_RE = re.compile(r"text_model\.(encoder\.layers\.\d+\.layer_norm[12]|final_layer_norm)\.weight")
+_OPEN_CLIP_NORM_RE = re.compile(r"(?:transformer\.resblocks\.(\d+)\.ln_([12])|ln_final)\.weight")
 _OPEN_CLIP_NAMES = {
     "attn.out_proj.weight": "self_attn.out_proj",
     "mlp.c_fc.weight": "mlp.fc1",
@@ -273,6 +306,9 @@ def _te_targets(infos: Mapping[str, TensorInfo], family: str) -> list[Target]:
         keys = {k[len(ldm_prefix) :]: info for k, info in infos.items() if k.startswith(ldm_prefix)}
         if layout == "clip":
             for rest, info in keys.items():
+                if m := _CLIP_NORM_RE.fullmatch(rest):
+                    key = ldm_prefix + rest
+                    out.append(_te_target(kohya, component, m.group(1), key, tuple(info.shape), "te_norm"))
                 if (m := _CLIP_RE.fullmatch(rest)) is None:
                     continue
                 key = ldm_prefix + rest
@@ -292,6 +328,15 @@ def _te_targets(infos: Mapping[str, TensorInfo], family: str) -> list[Target]:
                         transpose=True,
                     )
                 )
+                continue
+            if m := _OPEN_CLIP_NORM_RE.fullmatch(rest):
+                module = (
+                    "final_layer_norm"
+                    if m.group(1) is None
+                    else f"encoder.layers.{m.group(1)}.layer_norm{m.group(2)}"
+                )
+                key = ldm_prefix + rest
+                out.append(_te_target(kohya, component, module, key, tuple(info.shape), "te_norm"))
                 continue
             if (m := _OPEN_CLIP_RE.fullmatch(rest)) is None:
                 continue
