@@ -87,11 +87,12 @@ def child_wb(base: Path, lora: Path, out: Path) -> None:
 
 
 def child_extract(
-    tuned: Path, base: Path, out: Path, method: str, rank: int, report: Path, components: str
+    tuned: Path, base: Path, out: Path, method: str, rank: int, report: Path, components: str, conv_rank: int
 ) -> None:
     from workbench.lora.extract import extract
 
-    res = extract(tuned, base, out, rank, components=components.split(","), method=method, dtype="F16")
+    res = extract(tuned, base, out, rank, conv_rank=int(conv_rank) or None, components=components.split(","),
+                  method=method, dtype="F16")  # fmt: skip
     report.write_text(json.dumps({m.name: [m.norm, m.kept] for m in res.modules}))
 
 
@@ -113,8 +114,9 @@ def run_child(args: list[str]) -> None:
     t = time.perf_counter()
     cpu = resource.getrusage(resource.RUSAGE_SELF)
     if tool == "extract":
-        tuned, base, out, method, rank, report, components = rest
-        child_extract(Path(tuned), Path(base), Path(out), method, int(rank), Path(report), components)
+        tuned, base, out, method, rank, report, components, conv_rank = rest
+        paths = Path(tuned), Path(base), Path(out)
+        child_extract(*paths, method, int(rank), Path(report), components, int(conv_rank))
     else:
         base, lora, out = map(Path, rest)
         {"floor": child_floor, "naive": child_naive, "wb": child_wb}[tool](base, lora, out)
@@ -208,23 +210,27 @@ def bench_bake(base: Path, lora: Path, folder: Path, reps: int, cache: str = "wa
     print(f"wb vs naive output: {same}/{total} tensors bit-identical, max |diff| {worst:.3g}")
 
 
-def bench_extract(pairs: dict[str, tuple[Path, Path]], folder: Path, rank: int, components: str) -> None:
-    print(f"\nextract at rank {rank}, components {components} (kohya's default modules), fp16 file")
+def bench_extract(
+    pairs: dict[str, tuple[Path, Path]], folder: Path, rank: int, components: str, methods: list[str],
+    conv_rank: int = 0,
+) -> None:
+    convs = f"ResNet convs at rank {conv_rank}" if conv_rank else "kohya's default modules"
+    print(f"\nextract at rank {rank}, components {components} ({convs}), fp16 file")
     print(f"{'difference':10} {'svd':6} {'seconds':>8} {'cpu s':>7} {'peak RssAnon MB':>16} {'fro kept':>9} "
           f"{'err/exact: max':>15} {'median':>7}")  # fmt: skip
     for label, (tuned, base) in pairs.items():
         reports = {}
-        for method in ("exact", "auto"):
+        for method in methods:
             report = folder / f"extract_{label}_{method}.json"
             res = measure(["extract", tuned, base, folder / f"extract_{label}_{method}.safetensors", method,
-                           rank, report, components])  # fmt: skip
+                           rank, report, components, conv_rank])  # fmt: skip
             reports[method] = json.loads(report.read_text())
             err = {k: n * max(0.0, 1 - kept**2) ** 0.5 for k, (n, kept) in reports[method].items()}
             energy = sum(n * n for n, _ in reports[method].values())
             kept = (sum((n * k) ** 2 for n, k in reports[method].values()) / energy) ** 0.5
-            if method == "exact":
+            if method == "exact" or "exact" not in reports:
                 exact_err = err
-                ratio_max = ratio_med = 1.0
+                ratio_max = ratio_med = 1.0 if method == "exact" else float("nan")
             else:
                 ratios = [err[k] / exact_err[k] for k in err if exact_err[k] > 0]
                 ratio_max, ratio_med = max(ratios), statistics.median(ratios)
@@ -240,6 +246,8 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=64)
     ap.add_argument("--parts", default="bake,extract")
     ap.add_argument("--components", default="unet,te", help="what extract takes: unet,te (all) or te")
+    ap.add_argument("--svd", default="exact,auto", help="extract's SVD methods (exact: reference)")
+    ap.add_argument("--conv-rank", type=int, default=0, help="extract ResNet convs at this rank too")
     ap.add_argument(
         "--cache", default="warm", help="bake with inputs warm or cold in the page cache, or warm,cold"
     )
@@ -263,7 +271,8 @@ def main() -> None:
         baked = args.dir / "bake_wb.safetensors"
         if not baked.exists():
             measure(["wb", base, lora, baked])
-        bench_extract({"random": (other, base), "lora": (baked, base)}, args.dir, args.rank, args.components)
+        pairs = {"random": (other, base), "lora": (baked, base)}
+        bench_extract(pairs, args.dir, args.rank, args.components, args.svd.split(","), args.conv_rank)
 
 
 if __name__ == "__main__":

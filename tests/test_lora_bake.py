@@ -264,7 +264,7 @@ def test_row_blocks_cross_the_qkv_slices(tmp_path, monkeypatch):
     w, lf, b32, b16 = (load_file(p) for p in (base, lora, o32.path, o16.path))
     key = "cond_stage_model.model.transformer.resblocks.1.attn.in_proj_weight"
     parts = []
-    for i, p in enumerate("qkv"):
+    for p in "qkv":
         n = f"lora_te_text_model_encoder_layers_1_self_attn_{p}_proj"
         parts.append(s * 0.5 * (lf[f"{n}.lora_up.weight"] @ lf[f"{n}.lora_down.weight"]))
     want = w[key] + torch.cat(parts)

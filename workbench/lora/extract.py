@@ -163,16 +163,19 @@ def extract(
         reports: list[ModuleReport] = []
         energy = kept_energy = 0.0
         skipped = 0
+        measured: dict[str, float] = {}  # LDM key -> energy of its whole difference, once computed
         for i, t in enumerate(targets):
             d = _diff(tuned, base, t)
             is3x3 = t.kind == "conv"
             r = conv_rank if is3x3 else rank
             a = (conv_alpha if is3x3 else alpha) if (conv_alpha if is3x3 else alpha) is not None else None
-            norm2 = float(d.double().pow(2).sum())
+            norm2 = lm.energy(d)
+            if t.rows is None:
+                measured[t.key] = norm2
             if norm2 == 0.0:
                 skipped += 1
             else:
-                low = lm.low_rank(d, r, method=method, clamp_quantile=clamp_quantile, alpha=a)
+                low = lm.low_rank(d, r, method=method, clamp_quantile=clamp_quantile, alpha=a, total=norm2)
                 modules[t.name] = KohyaModule(low.up, low.down, low.alpha)
                 reports.append(ModuleReport(t.name, low.rank, low.kept, norm2**0.5))
                 energy += norm2
@@ -180,22 +183,24 @@ def extract(
             if progress is not None:
                 progress(i + 1, len(targets))
         extra_parts, counts, extra_energy = (
-            _extras(tuned, base, targets, extra_targets, modules) if extras else ({}, {}, 0.0)
+            _extras(tuned, base, targets, extra_targets, modules, measured) if extras else ({}, {}, 0.0)
         )
         if not modules and not extra_parts:
             raise WorkbenchError(
                 f"{tuned.path} and {base.path} do not differ in any module: nothing to extract"
             )
         overall = (kept_energy / energy) ** 0.5 if energy else 1.0
+        conv_share = None
         covered = {t.key for t in targets if t.name in modules}
         for name, parts in extra_parts.items():
             covered.update(_extra_keys(all_targets[name], parts, base.infos))
-        total, left_by_kind = _whole_difference(tuned, base, family, comps, covered, all_targets)
-        file_share = (kept_energy + extra_energy) / total if total else 1.0
-        conv_share = None
         if left_out:  # what kohya's default set misses: ResNet convs carry much of a full fine-tune
-            conv_energy = sum(float(_diff(tuned, base, t).double().pow(2).sum()) for t in left_out)
+            for t in left_out:
+                measured[t.key] = lm.energy(_diff(tuned, base, t))
+            conv_energy = sum(measured[t.key] for t in left_out)
             conv_share = conv_energy / (conv_energy + energy) if conv_energy + energy else 0.0
+        total, left_by_kind = _whole_difference(tuned, base, family, comps, covered, all_targets, measured)
+        file_share = (kept_energy + extra_energy) / total if total else 1.0
         base_sha = sha256_file(base.path) if base.path.is_file() else None
         tuned_sha = sha256_file(tuned.path) if tuned.path.is_file() else None
         provenance = {
@@ -234,14 +239,22 @@ def _nonzero(d: torch.Tensor | None) -> bool:
     return d is not None and bool((d != 0).any())
 
 
-def _extras(tuned, base, targets: list[Target], extra_targets: list[Target], modules: dict):
+def _extras(tuned, base, targets: list[Target], extra_targets: list[Target], modules: dict, measured: dict):
     """(name -> {suffix: tensor}, counts by kind, their energy): the bias changes of the low-rank
-    targets, norm modules and full modules, exact, each only where something changed."""
+    targets, norm modules and full modules, exact, each only where something changed. The energy
+    of every whole tensor read goes into `measured` (key -> energy)."""
     out: dict[str, dict[str, torch.Tensor]] = {}
     counts = {"diff_b": 0, "norm": 0, "full": 0}
+    def diff(t: Target | None) -> torch.Tensor | None:
+        if t is None:
+            return None
+        d = _diff(tuned, base, t)
+        if t.rows is None:
+            measured[t.key] = lm.energy(d)
+        return d
+
     for t in targets:
-        bias = t.bias_target(base.infos)
-        db = _diff(tuned, base, bias) if bias is not None else None
+        db = diff(t.bias_target(base.infos))
         if not _nonzero(db):
             continue
         if t.name in modules:
@@ -251,9 +264,8 @@ def _extras(tuned, base, targets: list[Target], extra_targets: list[Target], mod
             out[t.name] = {"diff": torch.zeros(t.shape), "diff_b": db}
             counts["full"] += 1
     for t in extra_targets:
-        dw = _diff(tuned, base, t)
-        bias = t.bias_target(base.infos)
-        db = _diff(tuned, base, bias) if bias is not None else None
+        dw = diff(t)
+        db = diff(t.bias_target(base.infos))
         if not (_nonzero(dw) or _nonzero(db)):
             continue
         # A1111 takes a norm module only with both tensors, a full module only with its diff
@@ -261,7 +273,7 @@ def _extras(tuned, base, targets: list[Target], extra_targets: list[Target], mod
         keep_b = db is not None and (t.group == "norm" or _nonzero(db))
         out[t.name] = {w: dw, **({b: db} if keep_b else {})}
         counts["norm" if t.group == "norm" else "full"] += 1
-    energy = sum(float(x.double().pow(2).sum()) for parts in out.values() for x in parts.values())
+    energy = sum(lm.energy(x) for parts in out.values() for x in parts.values())
     return out, {k: v for k, v in counts.items() if v}, energy
 
 
@@ -271,9 +283,12 @@ def _extra_keys(t: Target, parts, infos) -> list[str]:
     return keys + ([bias.key] if bias is not None and set(parts) & {"diff_b", "b_norm"} else [])
 
 
-def _whole_difference(tuned, base, family: str, comps: set[str], covered: set[str], targets) -> tuple:
+def _whole_difference(
+    tuned, base, family: str, comps: set[str], covered: set[str], targets, measured: dict[str, float]
+) -> tuple:
     """(energy of the whole difference of the extracted components, share left out of the file by
-    kind): every float tensor of the UNet / text encoders, the written ones excluded."""
+    kind): every float tensor of the UNet / text encoders, the written ones excluded. Tensors
+    already in `measured` are not read again."""
     from workbench.lora.names import TEXT_ENCODERS, UNET_PREFIX
 
     prefixes = {"unet": UNET_PREFIX, **{c: p for c, (p, _, _) in TEXT_ENCODERS[family].items()}}
@@ -285,7 +300,9 @@ def _whole_difference(tuned, base, family: str, comps: set[str], covered: set[st
             continue
         if key not in tuned.infos or tuned.infos[key].shape != info.shape:
             continue
-        e = float((tuned[key].to(torch.float64) - base[key].to(torch.float64)).pow(2).sum())
+        e = measured.get(key)
+        if e is None:
+            e = lm.energy(tuned[key].to(torch.float32) - base[key].to(torch.float32))
         total += e
         if e and key not in covered:
             what = (

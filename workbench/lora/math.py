@@ -216,6 +216,13 @@ def retained(singular: Tensor, rank: int) -> float:
     return (float((singular[:rank].double() ** 2).sum()) / total) ** 0.5
 
 
+def energy(t: Tensor) -> float:
+    """The squared Frobenius norm of a float32 tensor. torch sums float32 pairwise (relative error
+    about 1e-7 here), 3x faster than summing a float64 copy; a plain float32 norm or dot product is
+    off by 1e-4 to 1e-3 on a 13M-entry weight."""
+    return float(t.square().sum())
+
+
 def low_rank(
     delta: Tensor,
     rank: int,
@@ -223,17 +230,20 @@ def low_rank(
     clamp_quantile: float | None = None,
     alpha: float | None = None,
     niter: int = NITER,
+    total: float | None = None,
 ) -> LowRank:
     """Best rank-`rank` factorisation of a weight change (Eckart-Young): up = U_r * S_r, down = Vh_r
     reshaped to the weight's input shape. alpha defaults to the rank (scale 1: all of S sits in up);
     another alpha rescales up so that (alpha / r) * up @ down is unchanged. kohya's quantile clamp
-    of up and down is opt-in (`clamp_quantile`, e.g. 0.99); it adds error (LORA.md 2d)."""
+    of up and down is opt-in (`clamp_quantile`, e.g. 0.99); it adds error (LORA.md 2d). `total`:
+    the delta's energy when the caller has it (a partial spectrum needs it)."""
     matrix = flatten_delta(delta.to(F32))
     r = max(1, min(rank, *matrix.shape))
     u, s, vh = svd(matrix, r, method, niter)
-    total = None
-    if len(s) < min(matrix.shape):  # a partial spectrum: the energy comes from the matrix itself
-        total = float(matrix.double().pow(2).sum())
+    if len(s) >= min(matrix.shape):
+        total = None  # the full spectrum holds the energy
+    elif total is None:  # a partial spectrum: the energy comes from the matrix itself
+        total = energy(matrix)
     return _truncate(u, s, vh, r, tuple(delta.shape), clamp_quantile, alpha, total)
 
 
