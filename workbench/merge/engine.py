@@ -340,7 +340,8 @@ class _KeyPlanner:
         )
         found = self.by_signature.get(signature)
         if found is None:  # the first key of its kind: raises here if any key of its kind would
-            found = self.by_signature[signature] = self._walk(key, component, block, infos)
+            uniform = same_shapes and all(info.is_float for info in present)
+            found = self.by_signature[signature] = self._walk(key, component, block, infos, uniform)
         calls, missing, partial, merged, source, chunked = found
         if missing:
             plan.missing[key] = list(missing)
@@ -355,9 +356,12 @@ class _KeyPlanner:
             return KeyPlan(key, out, component, "copy", source)
         return KeyPlan(key, out, component, "merge", source, calls, chunked)
 
-    def _walk(self, key: str, component: str, block: int, infos: list[TensorInfo | None]) -> tuple:
+    def _walk(
+        self, key: str, component: str, block: int, infos: list[TensorInfo | None], uniform: bool
+    ) -> tuple:
         """The step calls of `key` (and of every key with its signature): per step a StepCall, or
-        None where the step passes its first input through."""
+        None where the step passes its first input through. `uniform`: every input holding the key
+        holds a float tensor of one shape (the usual case: no shape to check)."""
         plan, recipe = self.plan, self.plan.recipe
         calls: list[StepCall | None] = []
         missing: list[str] = []
@@ -382,7 +386,7 @@ class _KeyPlanner:
                 missing.extend(n for n in lacking if n not in missing)
                 calls.append(None)
                 continue
-            partial = _check_shapes(key, step, a, others, recipe, plan.sources)
+            partial = None if uniform else _check_shapes(key, step, a, others, recipe, plan.sources)
             partial_any = partial_any or partial is not None
             calls.append(_step_call(step, weight, partial))
 
