@@ -183,6 +183,7 @@ def _plain_document(text: str) -> Any:
             return _UNSURE
         # Open collections: [value, is_mapping, pending key (mappings), raw keys seen (mappings)].
         stack: list[list] = []
+        scalars: dict[tuple, tuple] = {}  # (text, implicit) -> (value,): recipes repeat their scalars
         done = _UNSURE
         count = 0
         while True:
@@ -192,10 +193,15 @@ def _plain_document(text: str) -> Any:
                 if event.anchor is not None or event.tag is not None or len(stack) >= MAX_DEPTH:
                     return _UNSURE
                 raw = event.value
-                tag = resolve(ScalarNode, raw, event.implicit)
-                if tag not in _PLAIN_SCALARS or "\x00" in raw:
-                    return _UNSURE
-                value = raw if tag == Y + "str" else _SCALARS[tag](constructor, ScalarNode(tag, raw))
+                seen = scalars.get((raw, event.implicit))
+                if seen is None:  # resolved and constructed once per distinct scalar
+                    tag = resolve(ScalarNode, raw, event.implicit)
+                    if tag not in _PLAIN_SCALARS or "\x00" in raw:
+                        return _UNSURE
+                    value = raw if tag == Y + "str" else _SCALARS[tag](constructor, ScalarNode(tag, raw))
+                    scalars[(raw, event.implicit)] = (value,)
+                else:
+                    value = seen[0]
             elif kind is MappingStartEvent or kind is SequenceStartEvent:
                 if event.anchor is not None or event.tag is not None or len(stack) >= MAX_DEPTH:
                     return _UNSURE

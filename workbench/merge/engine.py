@@ -366,6 +366,7 @@ class _KeyPlanner:
         calls: list[StepCall | None] = []
         missing: list[str] = []
         partial_any = False
+        all_present = all(info is not None for info in infos)
         for step, _spec, first, refs, binding in self.steps:
             a = infos[first]
             if a is None:
@@ -380,13 +381,15 @@ class _KeyPlanner:
                     _step_call(step, weight, None) if key in binding.by_key and weight != 0 else None
                 )
                 continue
-            others = [(ref, infos[i]) for ref, i in refs]
-            lacking = [self.node_names[i] for ref, i in refs if infos[i] is None]
+            lacking = () if all_present else [self.node_names[i] for _, i in refs if infos[i] is None]
             if lacking:
                 missing.extend(n for n in lacking if n not in missing)
                 calls.append(None)
                 continue
-            partial = None if uniform else _check_shapes(key, step, a, others, recipe, plan.sources)
+            partial = None
+            if not uniform:
+                others = [(ref, infos[i]) for ref, i in refs]
+                partial = _check_shapes(key, step, a, others, recipe, plan.sources)
             partial_any = partial_any or partial is not None
             calls.append(_step_call(step, weight, partial))
 
