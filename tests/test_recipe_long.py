@@ -167,7 +167,7 @@ trees = st.recursive(
 )  # fmt: skip
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
 @given(trees, st.sampled_from([None, True, False]))
 def test_plain_documents_read_as_the_reference_loader_reads_them(tree, flow):
     text = yaml.safe_dump(tree, default_flow_style=flow, allow_unicode=True)
@@ -183,7 +183,7 @@ def test_plain_documents_read_as_the_reference_loader_reads_them(tree, flow):
     assert repr(got) == repr(want)  # repr: NaN never equals itself
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
 @given(st.text(alphabet="{}[]&*!:-? ,\n'\"ab01<=.~#|>%@`", max_size=80))
 def test_yaml_odd_text_reads_as_the_reference_or_is_refused_in_one_line(text):
     try:
