@@ -251,25 +251,32 @@ def lora_inputs(recipe: Recipe) -> set[str]:
 
 def _in_dependency_order(steps: list[Step], input_names: set[str], where: str) -> list[Step]:
     """Steps ordered so each comes after the steps it uses (a YAML mapping may list them in any
-    order); a cycle is refused, naming a step on it."""
+    order); a cycle is refused, naming a step on it. A depth-first walk with its own stack: a chain
+    of thousands of steps listed last-first would pass Python's recursion limit."""
     by_name = {s.name: s for s in steps}
     ordered: list[Step] = []
     state: dict[str, str] = {}  # name -> "visiting" | "done"
-
-    def visit(step: Step) -> None:
-        if state.get(step.name) == "done":
-            return
-        if state.get(step.name) == "visiting":
-            raise WorkbenchError(f"{where}: step {step.name!r} depends on itself (a cycle)")
-        state[step.name] = "visiting"
-        for ref in step.inputs:
-            if ref in by_name and ref not in input_names:
-                visit(by_name[ref])
-        state[step.name] = "done"
-        ordered.append(step)
-
-    for step in steps:
-        visit(step)
+    for root in steps:
+        if state.get(root.name) == "done":
+            continue
+        if state.get(root.name) == "visiting":
+            raise WorkbenchError(f"{where}: step {root.name!r} depends on itself (a cycle)")
+        state[root.name] = "visiting"
+        stack = [(root, iter(root.inputs))]
+        while stack:
+            step, refs = stack[-1]
+            for ref in refs:
+                if ref not in by_name or ref in input_names or state.get(ref) == "done":
+                    continue
+                if state.get(ref) == "visiting":
+                    raise WorkbenchError(f"{where}: step {ref!r} depends on itself (a cycle)")
+                state[ref] = "visiting"
+                stack.append((by_name[ref], iter(by_name[ref].inputs)))
+                break
+            else:
+                stack.pop()
+                state[step.name] = "done"
+                ordered.append(step)
     return ordered
 
 
@@ -372,7 +379,10 @@ def _steps_from(raw, where: str) -> list[Step]:
         name = str(body.get("name") or f"step{i + 1}")
         if "method" not in body:
             raise WorkbenchError(f"{where}: step {name!r} has no method")
-        method = get_method(str(body["method"]))
+        try:
+            method = get_method(str(body["method"]))
+        except WorkbenchError as e:
+            raise WorkbenchError(f"{where}: step {name!r}: {e}") from None
         params = dict(body.get("params") or {})
         for k, v in body.items():  # method parameters may sit at the top of the step
             if k in STEP_FIELDS:

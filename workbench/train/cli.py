@@ -164,9 +164,10 @@ def _with_progress(run, refresh_thread: bool = True):
     )
     with Progress(*columns, console=err, transient=False, auto_refresh=refresh_thread) as bar:
         task = bar.add_task("training", total=None, status="starting")
-        shown = {"loss": "", "val": ""}
+        shown = {"loss": "", "val": "", "any": ""}
 
         def update(p) -> None:
+            shown["any"] = "yes"
             if p.loss is not None:
                 shown["loss"] = f"loss {p.loss:.4f}"
             if p.val_loss is not None:
@@ -174,7 +175,12 @@ def _with_progress(run, refresh_thread: bool = True):
             status = "  ".join(s for s in (f"ep {p.epoch}", shown["loss"], shown["val"]) if s)
             bar.update(task, total=p.total_steps, completed=p.step, status=status, refresh=not refresh_thread)
 
-        return run(update)
+        try:
+            return run(update)
+        except BaseException:
+            if not shown["any"]:  # refused while setting up: the error's one line stands alone
+                bar.live.transient = True
+            raise
 
 
 def _print_result(result) -> None:

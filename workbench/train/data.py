@@ -78,11 +78,12 @@ class Data:
         }
 
 
-def read_data(data: DataSection) -> Data:
-    """The recipe's data: every usable example in a fixed order (sorted keys), and what was left out."""
+def read_data(data: DataSection, field: str = "data.root") -> Data:
+    """The recipe's data: every usable example in a fixed order (sorted keys), and what was left out.
+    Errors name `field` (validation.root for a validation folder read with the data's settings)."""
     if data.root == TOY_DATA:
         return Data(load_examples(data), "toy")
-    found = scan(Path(data.root), data.layout, data.caption_extension)
+    found = scan(Path(data.root), data.layout, data.caption_extension, field)
     return Data(found.examples, found.layout, found.skipped, found.notes)
 
 

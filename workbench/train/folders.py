@@ -103,10 +103,10 @@ def sidecar(image: Path, extension: str | None) -> Path | None:
     return None
 
 
-def scan(root: Path, layout: str, caption_extension: str | None) -> Scan:
-    """Every usable image under `root` as an Example, sorted by path."""
+def scan(root: Path, layout: str, caption_extension: str | None, field: str = "data.root") -> Scan:
+    """Every usable image under `root` as an Example, sorted by path; errors name `field`."""
     if not root.is_dir():
-        raise WorkbenchError(f"data.root: {root} is not a folder")
+        raise WorkbenchError(f"{field}: {root} is not a folder")
     if caption_extension and not caption_extension.startswith("."):
         caption_extension = "." + caption_extension
     if layout == "auto":
@@ -124,7 +124,7 @@ def scan(root: Path, layout: str, caption_extension: str | None) -> Scan:
         if result.skipped:
             first = result.skipped[0]
             why = f" ({len(result.skipped)} skipped, e.g. {first.file}: {first.reason})"
-        raise WorkbenchError(f"data.root: {found} ({', '.join(IMAGE_SUFFIXES)}){where} under {root}{why}")
+        raise WorkbenchError(f"{field}: {found} ({', '.join(IMAGE_SUFFIXES)}){where} under {root}{why}")
     return result
 
 

@@ -35,7 +35,6 @@ from pathlib import Path
 
 import torch
 
-from workbench.checkpoint.files import remove_empty_dirs
 from workbench.errors import WorkbenchError
 from workbench.train.bookkeeping import Progress, RunState
 from workbench.train.buckets import BucketBatchSampler, bucket_counts
@@ -73,6 +72,7 @@ from workbench.train.setup import (
     record_resume,
     run_record,
     set_trainable,
+    undo_new_run_dir,
 )
 
 
@@ -100,14 +100,15 @@ class TrainResult:
 
 
 def train(*args, **kwargs) -> TrainResult:
-    """See `_train`. A run refused before it could start leaves no empty checkpoints/ or run folder."""
-    run_dir = Path(kwargs["run_dir"] if "run_dir" in kwargs else args[1])
-    existed = run_dir.exists()
+    """See `_train`. A run refused before it started (before its run.json: a bad setting found
+    while setting up, a model that is not a checkpoint, Ctrl-C) leaves nothing behind, not even the
+    toy base or split.json it wrote; a run that started leaves no empty checkpoints/ folder."""
+    made: list[tuple[Path, bool]] = []
     try:
-        return _train(*args, **kwargs)
+        return _train(*args, **kwargs, made=made)
     except BaseException:
-        if not kwargs.get("resume"):
-            remove_empty_dirs(run_dir / "checkpoints", *(() if existed else (run_dir,)))
+        for run_dir, created in made:
+            undo_new_run_dir(run_dir, created)
         raise
 
 
@@ -121,8 +122,10 @@ def _train(
     lr_factor: Callable[[int], float] | None = None,
     stop_when: Callable[[Progress], str | None] | None = None,
     resume: bool = False,
+    made: list | None = None,
 ) -> TrainResult:
-    """Run `recipe` into the new folder `run_dir`. `source` (recipe path, overrides) goes to run.json.
+    """Run `recipe` into the new folder `run_dir`. `source` (recipe path, overrides) goes to run.json;
+    `made` gets the folder new_run_dir made (see `train`).
 
     `resume=True` continues the run in `run_dir` from its saved state (RUNDIR/state/, see resume.py)
     with the recipe run.json recorded (`resume_training` reads it): the same weights, optimizer and
@@ -143,10 +146,14 @@ def _train(
     started = time.time()
     tr = recipe.training
     data = read_data(recipe.data)  # first: no images is an error before any folder is made
+    val = recipe.validation
+    val_data = None
+    if val.enabled and val.root:  # a folder of its own, read with the data's settings
+        val_data = read_data(recipe.data.model_copy(update={"root": val.root}), "validation.root")
     accelerator = make_accelerator(Accelerator, recipe)
     device, main = accelerator.device, accelerator.is_main_process
     with accelerator.main_process_first():  # the main process makes the folder, the others use it
-        run_dir = Path(run_dir) if resume or not main else new_run_dir(Path(run_dir), checkpoints)
+        run_dir = Path(run_dir) if resume or not main else new_run_dir(Path(run_dir), checkpoints, made)
     set_seed(tr.seed)
     saved = load_state(run_dir, accelerator.num_processes) if resume else None
     if resume:
@@ -160,10 +167,9 @@ def _train(
 
     # --- the data: a fixed validation split, written beside the run -----------------------------
     examples = data.examples
-    val = recipe.validation
-    if val.enabled and val.root:  # a folder of its own: the training data stays whole
+    if val_data is not None:  # a folder of its own: the training data stays whole
         train_examples = examples
-        val_examples = read_data(recipe.data.model_copy(update={"root": val.root})).examples
+        val_examples = val_data.examples
         stable_examples = (
             stable_subset(train_examples, val.stabilize_split, val.seed) if val.stabilize_train else []
         )

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
 import torch
 
+from workbench.checkpoint.files import remove_empty_dirs
 from workbench.errors import WorkbenchError
 from workbench.train.diffusion import Models, noise_scheduler_for
 from workbench.train.distributed import world_record
@@ -50,13 +52,36 @@ def run_record(recipe, source, base_path, spec, settings, optimizers, params, mo
     }
 
 
-def new_run_dir(run_dir: Path, checkpoints: bool = True) -> Path:
+def new_run_dir(run_dir: Path, checkpoints: bool = True, made: list | None = None) -> Path:
+    """Make the run's folder (new, or an empty one); `made` gets (run_dir, whether it was made here)
+    for undo_new_run_dir."""
     if (run_dir / "run.json").exists():
         raise WorkbenchError(f"{run_dir}: already holds a run (run.json); choose another -o folder")
     if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
         raise WorkbenchError(f"{run_dir}: exists and is not an empty folder; choose another -o folder")
+    created = not run_dir.exists()
     (run_dir / "checkpoints" if checkpoints else run_dir).mkdir(parents=True, exist_ok=True)
+    if made is not None:
+        made.append((run_dir, created))
     return run_dir
+
+
+def undo_new_run_dir(run_dir: Path, created: bool) -> None:
+    """After a run failed: a run that never started (no run.json yet: refused while setting up, or
+    stopped by Ctrl-C) leaves nothing behind. Everything in its folder is its own (new_run_dir took
+    only a new or empty folder): a toy base, split.json, checkpoints/; all of it is removed, and the
+    folder when new_run_dir made it. A run that started keeps its folder, less an empty checkpoints/."""
+    if (run_dir / "run.json").exists():
+        remove_empty_dirs(run_dir / "checkpoints")
+        return
+    if created:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        return
+    for child in list(run_dir.iterdir()):
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            child.unlink(missing_ok=True)
 
 
 def make_accelerator(accelerator_cls, recipe: Recipe):
