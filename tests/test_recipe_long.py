@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 
 import pytest
+import torch
 import yaml
 from hardening import refused_cleanly, wb
 from hypothesis import HealthCheck, given, settings
@@ -198,3 +199,47 @@ def test_yaml_odd_text_reads_as_the_reference_or_is_refused_in_one_line(text):
         return
     assert ok, f"the reference refuses {text!r}, wb read {got!r}"
     assert repr(got) == repr(want)
+
+
+def test_a_1500_step_chain_merges_like_the_chain_by_hand(tmp_path, models):
+    """The chain for real (not a dry run): 1,500 steps evaluate one after the other, not as 1,500
+    nested calls (RecursionError before), and every merged key is the chain computed step by step."""
+    from test_merge import f32
+
+    recipe = chain(tmp_path / "r.yaml", models, 1500)
+    recipe.write_text(recipe.read_text() + "dtype: fp32\n")
+    out = tmp_path / "o.safetensors"
+    res = wb("merge", "run", recipe, "-o", out, "--threads", "2")
+    assert res.exit_code == 0, res.output
+    a, b, c = (f32(p) for p in models)
+    got = f32(out)
+    for key in (TIME_EMBED, M00, TE_KEY):
+        x = a[key].double()
+        for i in range(1, 1501):
+            x = x * 0.99 + b[key].double() * 0.01 if i % 2 else x + 0.5 * (b[key].double() - c[key].double())
+        torch.testing.assert_close(got[key].double(), x, rtol=1e-4, atol=1e-4)
+    assert torch.equal(got[IN04], a[IN04])  # B lacks it: passed through every step
+
+
+def test_a_step_used_twice_is_not_changed_by_its_first_user(tmp_path, models):
+    """Methods work in place on their inputs: a step whose value two later steps use must reach the
+    second one unchanged. s3 = (s1 + s2) / 2 with s1 = (A + B) / 2 and s2 = s1 + (B - C)."""
+    from test_merge import f32
+
+    a_path, b_path, c_path = models
+    recipe = tmp_path / "d.yaml"
+    recipe.write_text(
+        f"inputs: {{A: '{a_path}', B: '{b_path}', C: '{c_path}'}}\n"
+        "steps:\n"
+        "  s1: {method: weighted, inputs: [A, B], alpha: 0.5}\n"
+        "  s2: {method: add-diff, inputs: [s1, B, C], alpha: 1.0}\n"
+        "  s3: {method: weighted, inputs: [s1, s2], alpha: 0.5}\n"
+        "output: s3\ndtype: fp32\n"
+    )
+    out = tmp_path / "o.safetensors"
+    assert wb("merge", "run", recipe, "-o", out).exit_code == 0
+    a, b, c, got = f32(a_path), f32(b_path), f32(c_path), f32(out)
+    for key in (TIME_EMBED, M00, TE_KEY):
+        s1 = (a[key] + b[key]) / 2
+        s2 = s1 + (b[key] - c[key])
+        torch.testing.assert_close(got[key], (s1 + s2) / 2, rtol=1e-6, atol=1e-6)

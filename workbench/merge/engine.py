@@ -482,7 +482,8 @@ class _Scratch:
     and reused: a fresh allocation costs a page fault per 4 KiB on every tensor."""
 
     slots: list[torch.Tensor] = field(default_factory=list)
-    used: int = 0
+    free: list[int] = field(default_factory=list)  # indices of the slots no live value holds
+    slot_of: dict[int, int] = field(default_factory=dict)  # a slot's data pointer -> its index
     staging: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.uint8))
     outgoing: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.uint8))
     spare: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.uint8))
@@ -508,13 +509,31 @@ class _Scratch:
         return self.spare[:nbytes].view(dtype)
 
     def take(self, n: int) -> torch.Tensor:
-        if self.used == len(self.slots):
+        """A float32 buffer of `n` elements from a free slot (grown if none is large enough)."""
+        fits = [i for i in self.free if self.slots[i].numel() >= n]
+        if fits:
+            i = fits[0]
+            self.free.remove(i)
+        elif self.free:
+            i = self.free.pop()
+            del self.slot_of[self.slots[i].data_ptr()]
+            self.slots[i] = torch.empty(n, dtype=torch.float32)
+            self.slot_of[self.slots[i].data_ptr()] = i
+        else:
+            i = len(self.slots)
             self.slots.append(torch.empty(max(n, 1), dtype=torch.float32))
-        elif self.slots[self.used].numel() < n:
-            self.slots[self.used] = torch.empty(n, dtype=torch.float32)
-        buf = self.slots[self.used][:n]
-        self.used += 1
-        return buf
+            self.slot_of[self.slots[i].data_ptr()] = i
+        return self.slots[i][:n]
+
+    def release(self, t: torch.Tensor) -> None:
+        """Give back the slot of a buffer `take` returned (anything else is ignored)."""
+        i = self.slot_of.get(t.data_ptr())
+        if i is not None and i not in self.free:
+            self.free.append(i)
+
+    def reset(self) -> None:
+        """Every slot free again: the values of the last chunk are no longer needed."""
+        self.free = list(range(len(self.slots)))
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
@@ -588,51 +607,120 @@ class _KeyEvaluator:
         self.step_index = step_index
         self.srcs = {name: s.ckpt for name, s in plan.sources.items()}
         self.readers = {name: _ChunkReader(s.ckpt) for name, s in plan.sources.items()}
+        self.schedules: dict[int, tuple[tuple, _Schedule]] = {}
 
     def close(self) -> None:
         for reader in self.readers.values():
             reader.close()
 
-    def value(self, node: str, kp: KeyPlan, scratch: _Scratch, lo: int, hi: int | None) -> torch.Tensor:
-        """Chunk [lo, hi) of the node's value, flat (hi given), or the whole tensor shaped (hi None)."""
-        i = self.step_index.get(node)
-        if i is None:
-            if hi is None:
-                info = self.srcs[node].infos[kp.key]
-                buf = scratch.take(info.numel).view(info.shape)
-                self.readers[node].read_all(kp.key, buf, scratch)
-                return buf
-            buf = scratch.take(hi - lo)
-            self.readers[node].read(kp.key, lo, hi, buf, scratch)
+    def schedule(self, calls: tuple[StepCall | None, ...]) -> _Schedule:
+        """What evaluating a key with these step calls takes (keys of one signature share their
+        calls tuple, so this runs a handful of times per merge)."""
+        found = self.schedules.get(id(calls))
+        if found is not None and found[0] is calls:
+            return found[1]
+        steps, index = self.recipe.steps, self.step_index
+
+        def resolve(node: str) -> str:  # through the steps that pass their first input on
+            while node in index and calls[index[node]] is None:
+                node = steps[index[node]].inputs[0]
+            return node
+
+        output = resolve(self.recipe.output)
+        needed, order = {output}, []
+        for i in range(len(steps) - 1, -1, -1):  # steps come in dependency order: walk back once
+            if steps[i].name in needed and calls[i] is not None:
+                refs = [resolve(ref) for ref in steps[i].inputs]
+                needed.update(refs)
+                order.append((i, refs))
+        order.reverse()
+        uses = {output: 1}
+        for _, refs in order:
+            for ref in refs:
+                uses[ref] = uses.get(ref, 0) + 1
+        sched = _Schedule(output, order, uses)
+        self.schedules[id(calls)] = (calls, sched)
+        return sched
+
+    def evaluate(self, kp: KeyPlan, scratch: _Scratch, lo: int, hi: int | None) -> torch.Tensor:
+        """Chunk [lo, hi) of the output's value, flat (hi given), or the whole tensor shaped (hi
+        None). Steps run in order, without recursion (a 1,500-step chain is 1,500 steps, not 1,500
+        nested calls); a step's value lives until its last use and its buffer then goes back to
+        the pool, so memory follows the recipe's width, not its length. Methods change their
+        inputs in place: an input file is read afresh for each use, and a step's value is handed
+        over at its last use and copied for the others."""
+        sched = self.schedule(kp.calls)
+        values: dict[str, torch.Tensor] = {}
+        left = dict(sched.uses)
+
+        def fetch(node: str) -> torch.Tensor:
+            if node not in self.step_index:
+                return self.read(node, kp, scratch, lo, hi)
+            t = values[node]
+            left[node] -= 1
+            if left[node] == 0:
+                del values[node]
+                return t
+            copy = scratch.take(t.numel()).view(t.shape)
+            return copy.copy_(t)
+
+        for i, refs in sched.order:
+            step, call = self.recipe.steps[i], kp.calls[i]
+            if step.spec.name == "lora":
+                values[step.name] = self.bake(step, call, refs[0], fetch, kp, scratch, lo, hi)
+                continue
+            args = [fetch(ref) for ref in refs]
+            if call.partial is None:
+                result = step.spec.call(args, call.params, kp.key)
+            else:  # an inpainting A: only its first `partial` input channels are merged
+                c, full = call.partial, args[0]
+                head = scratch.take(full[:, :c].numel()).view(full[:, :c].shape)
+                head.copy_(full[:, :c])
+                full[:, :c] = step.spec.call([head, *args[1:]], call.params, kp.key)
+                scratch.release(head)
+                result = full
+            for t in args:
+                if t.data_ptr() != result.data_ptr():
+                    scratch.release(t)
+            values[step.name] = result
+        return fetch(sched.output)
+
+    def read(self, node: str, kp: KeyPlan, scratch: _Scratch, lo: int, hi: int | None) -> torch.Tensor:
+        """An input's chunk [lo, hi) (flat) or whole tensor (shaped, hi None), in a fresh buffer."""
+        if hi is None:
+            info = self.srcs[node].infos[kp.key]
+            buf = scratch.take(info.numel).view(info.shape)
+            self.readers[node].read_all(kp.key, buf, scratch)
             return buf
-        step = self.recipe.steps[i]
-        call = kp.calls[i]
-        if call is None:
-            return self.value(step.inputs[0], kp, scratch, lo, hi)
-        if step.spec.name == "lora":  # changed in place: whole rows of plain LoRAs, else the whole tensor
-            a = self.value(step.inputs[0], kp, scratch, lo, hi)
-            binding = self.plan.sources[step.inputs[1]].lora
-            out_dtype = OUT_DTYPES[self.recipe.dtype]
-            if hi is None:
-                binding.apply(kp.key, a, call.params["strength"], out_dtype)
-                return a
-            factors = scratch.per_key.get(node)
-            if factors is None:
-                factors = scratch.per_key[node] = binding.row_factors(kp.key)
-            # counting the changes a cast to fp16/bf16 loses needs the values before, cast alike
-            low = kp.out.torch_dtype if kp.out.dtype in ("F16", "BF16") else None
-            before = scratch.spare_of(a.numel(), low) if low is not None else None
-            binding.apply_rows(a, lo, factors, call.params["strength"], before)
+        buf = scratch.take(hi - lo)
+        self.readers[node].read(kp.key, lo, hi, buf, scratch)
+        return buf
+
+    def bake(self, step: Step, call: StepCall, ref: str, fetch, kp: KeyPlan, scratch, lo, hi) -> torch.Tensor:
+        """A `lora` step: its first input changed in place; whole rows of plain LoRAs in a chunk,
+        anything else on the whole tensor."""
+        a = fetch(ref)
+        binding = self.plan.sources[step.inputs[1]].lora
+        if hi is None:
+            binding.apply(kp.key, a, call.params["strength"], OUT_DTYPES[self.recipe.dtype])
             return a
-        args = [self.value(ref, kp, scratch, lo, hi) for ref in step.inputs]
-        if call.partial is None:
-            return step.spec.call(args, call.params, kp.key)
-        c = call.partial
-        full = args[0]
-        head = scratch.take(full[:, :c].numel()).view(full[:, :c].shape)
-        head.copy_(full[:, :c])
-        full[:, :c] = step.spec.call([head, *args[1:]], call.params, kp.key)
-        return full
+        factors = scratch.per_key.get(step.name)
+        if factors is None:
+            factors = scratch.per_key[step.name] = binding.row_factors(kp.key)
+        # counting the changes a cast to fp16/bf16 loses needs the values before, cast alike
+        low = kp.out.torch_dtype if kp.out.dtype in ("F16", "BF16") else None
+        before = scratch.spare_of(a.numel(), low) if low is not None else None
+        binding.apply_rows(a, lo, factors, call.params["strength"], before)
+        return a
+
+
+@dataclass(frozen=True)
+class _Schedule:
+    """The steps a key's value needs, in order, with their inputs (pass-through steps skipped)."""
+
+    output: str  # the node holding the output's value
+    order: list[tuple[int, list[str]]]  # (step index, the nodes its inputs resolve to)
+    uses: dict[str, int]  # node -> how many times it is used (the output counts once)
 
 
 class _Prefetch:
@@ -698,12 +786,12 @@ def _emit(
                 if cancel.is_set():
                     raise _Cancelled
                 hi = min(n, lo + kp.chunk)
-                scratch.used = 0
-                value = ev.value(ev.recipe.output, kp, scratch, lo, hi)
+                scratch.reset()
+                value = ev.evaluate(kp, scratch, lo, hi)
                 _write_cast(writer, kp, lo, value, scratch)
         else:
-            scratch.used = 0
-            value = _flat(ev.value(ev.recipe.output, kp, scratch, 0, None))
+            scratch.reset()
+            value = _flat(ev.evaluate(kp, scratch, 0, None))
             for lo in range(0, n, CHUNK):
                 _write_cast(writer, kp, lo, value[lo : min(n, lo + CHUNK)], scratch)
         return
