@@ -20,11 +20,11 @@ bit-exact. Switching costs a pass over the modules whose LoRA strengths changed,
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from workbench.errors import WorkbenchError
 from workbench.grids.axes import AxisKind, register_kind
@@ -36,6 +36,9 @@ register_kind(AxisKind("lora", "--loras", "LoRA"))
 register_kind(AxisKind("lora_weight", "--lora-weight", "LoRA weight", "float", "LoRA weight"))
 
 # A1111's extra-network tag: <kind:arguments>
+if TYPE_CHECKING:
+    import torch
+
 TAG = re.compile(r"<(\w+):([^>]+)>")
 NONE = "none"
 
@@ -199,6 +202,20 @@ def lora_hashes_field(prompt: str, loras: tuple[tuple[str, float, float], ...]) 
 # --- applying in place ----------------------------------------------------------------------------
 
 
+def _no_grad(method):
+    """torch.no_grad() around a method, importing torch only when it runs: `wb` imports this module
+    at start, and a command that refuses its input must not wait 2 s for torch."""
+
+    @functools.wraps(method)
+    def run(*args, **kwargs):
+        import torch
+
+        with torch.no_grad():
+            return method(*args, **kwargs)
+
+    return run
+
+
 def _module(model: torch.nn.Module, path: str) -> torch.nn.Module:
     try:
         return model.get_submodule(path)
@@ -228,7 +245,7 @@ class LoraState:
         self.restore()
         self.checkpoint = Path(checkpoint)
 
-    @torch.no_grad()
+    @_no_grad
     def restore(self) -> None:
         for (component, path, param), original in self.backup.items():
             getattr(_module(getattr(self.pipe, component), path), param).copy_(original)
@@ -239,6 +256,8 @@ class LoraState:
 
     def _delta(self, lora_path: str, binding, module, weight: torch.Tensor) -> torch.Tensor:
         """(alpha / r) * up @ down of one module, float32 on the weight's device (factors cached)."""
+        import torch
+
         from workbench.lora import math as lm
 
         if module.kind != "lora":  # LoHa / LoKr: through the file's own math
@@ -253,7 +272,7 @@ class LoraState:
         f = self.factors[key]
         return lm.lora_delta(f["up"], f["down"], f["alpha"], tuple(weight.shape), f.get("mid"))
 
-    @torch.no_grad()
+    @_no_grad
     def apply(self, loras: tuple[tuple[str, float, float], ...]) -> bool:
         """Make `loras` the applied set. Returns whether the text encoders' weights changed (the
         caller's prompt embeddings are then stale)."""

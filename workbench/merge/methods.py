@@ -18,8 +18,10 @@ import hashlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 from workbench.errors import WorkbenchError
 
@@ -63,6 +65,8 @@ SLERP_PARALLEL_COS = 0.9995
 
 def slerp(a: torch.Tensor, b: torch.Tensor, *, alpha: float) -> torch.Tensor:
     """Spherical interpolation of the whole tensor, treated as one vector (as sd-mecha and mergekit do)."""
+    import torch
+
     norm_a = torch.linalg.vector_norm(a).item()
     norm_b = torch.linalg.vector_norm(b).item()
     if norm_a == 0.0 or norm_b == 0.0:
@@ -80,6 +84,8 @@ def slerp(a: torch.Tensor, b: torch.Tensor, *, alpha: float) -> torch.Tensor:
 
 def _trim_to_density(delta: torch.Tensor, density: float) -> torch.Tensor:
     """Keep the `density` share of entries with the largest magnitude; zero the rest (TIES step 1)."""
+    import torch
+
     n = delta.numel()
     keep = math.ceil(density * n)
     if keep >= n:
@@ -93,6 +99,8 @@ def _trim_to_density(delta: torch.Tensor, density: float) -> torch.Tensor:
 
 def ties(base: torch.Tensor, *models: torch.Tensor, density: float, lam: float) -> torch.Tensor:
     """TIES-merging (Yadav et al. 2023) on the deltas of each model against the base, per tensor."""
+    import torch
+
     deltas = [_trim_to_density(m.sub_(base), density) for m in models]
     total = deltas[0].clone()
     for d in deltas[1:]:
@@ -110,6 +118,8 @@ def ties(base: torch.Tensor, *models: torch.Tensor, density: float, lam: float) 
 
 def key_generator(seed: int, key: str) -> torch.Generator:
     """A generator seeded from (seed, key) only, so a key's random draws never depend on thread order."""
+    import torch
+
     digest = hashlib.sha256(f"{int(seed)}\0{key}".encode()).digest()
     g = torch.Generator()
     g.manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
@@ -121,6 +131,8 @@ def dare(
 ) -> torch.Tensor:
     """DARE (Yu et al. 2023): drop each delta entry with probability `drop`, rescale the survivors by
     1 / (1 - drop), and add the sum of the models' deltas to the base (task arithmetic), scaled by lam."""
+    import torch
+
     total = torch.zeros_like(base)
     for m in models:
         delta = m.sub_(base)
