@@ -253,9 +253,9 @@ def test_row_blocks_cross_the_qkv_slices(tmp_path, monkeypatch):
     straddle the q/k/v slices of a fused SD2 in_proj (rows 32 and 64): the result is still the hand
     computation, and the fp16 lost-change count agrees with one made independently from the fp32
     bake."""
-    import workbench.merge.engine as engine
+    import workbench.merge.plan as merge_plan
 
-    monkeypatch.setattr(engine, "CHUNK", 5 * 32)
+    monkeypatch.setattr(merge_plan, "CHUNK", 5 * 32)
     base = tiny_checkpoint(tmp_path / "sd2.safetensors", "sd2")
     lora = synthetic_lora(tmp_path / "l2.safetensors", base, rank=2, alpha=1.0, groups=("attn", "te"))
     s = 2e-4

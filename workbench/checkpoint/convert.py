@@ -18,11 +18,13 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING
 
 from workbench.errors import WorkbenchError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
 
 FAMILIES = ("sd1", "sd2", "sdxl")
 
@@ -195,6 +197,8 @@ def _checked_against(component: str, sd: dict[str, Tensor], model) -> dict[str, 
 
 def _empty_model(component: str, config: Mapping):
     """The model a config describes, on the meta device (no memory, no init cost)."""
+    import torch
+
     with torch.device("meta"):
         return build_model(component, config)
 
@@ -280,6 +284,8 @@ def diffusers_to_ldm_plan(
 def build_ldm_tensor(src: LdmSource, get: Callable[[str, str], Tensor]) -> Tensor:
     """One LDM tensor from its sources; `get(component, key)` returns a diffusers tensor.
     Copies only where the layout demands it (cat, transpose); dtypes are kept."""
+    import torch
+
     if src.op == "copy":
         return get(src.component, src.keys[0])
     if src.op == "to_conv1x1":
@@ -300,6 +306,8 @@ def planned_shape_dtype(
 ) -> tuple[tuple[int, ...], torch.dtype]:
     """Shape and dtype of the tensor `build_ldm_tensor` will make, from the sources' (shape, dtype)
     alone, so a header can be written before any data is read."""
+    import torch
+
     if src.op == "arange77":
         return (1, CLIP_POSITIONS), torch.int64
     shapes_dtypes = [info(src.component, key) for key in src.keys]

@@ -15,15 +15,19 @@ from __future__ import annotations
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-
-import torch
+from typing import TYPE_CHECKING
 
 from workbench.checkpoint.lora_format import LoraFile, LoraModule, lora_family
 from workbench.checkpoint.safetensors_io import TensorInfo
 from workbench.errors import WorkbenchError
 from workbench.lora.names import Target, lora_targets, name_index
 
-LOW_PRECISION = {"F16": torch.float16, "BF16": torch.bfloat16}
+if TYPE_CHECKING:
+    import torch
+
+# Output dtypes a LoRA's small changes can vanish in, by torch's name (looked up when baking: binding
+# a LoRA, from the headers, happens before torch is imported).
+LOW_PRECISION = {"F16": "float16", "BF16": "bfloat16"}
 
 
 @dataclass
@@ -57,9 +61,11 @@ class LoraBinding:
         module landing on it. With a low-precision `out_dtype`, counts the entries that a nonzero
         change leaves equal once cast (the change is below what the dtype holds next to the weight).
         Costs a few passes over the tensor, no more: this runs on a third of an SD1.5 UNet."""
+        import torch
+
         if strength == 0.0:
             return
-        low = LOW_PRECISION.get(out_dtype or "")
+        low = getattr(torch, LOW_PRECISION[out_dtype]) if out_dtype in LOW_PRECISION else None
         before = weight.to(low) if low is not None else None
         unchanged = weight.numel()  # entries no module changes: all, minus each delta's nonzeros
         for module, target in self.by_key[key]:  # factors() / delta() refuse non-finite factors
@@ -92,6 +98,8 @@ class LoraBinding:
 
     def row_factors(self, key: str) -> list[RowFactors]:
         """The float32 factors of every module landing on `key`, read once per key and worker."""
+        import torch
+
         found = []
         for module, target in self.by_key[key]:
             up, down, scale = self.lora.factors(module)
@@ -112,6 +120,8 @@ class LoraBinding:
         """Like `apply`, on a flat float32 chunk of whole rows starting at element `lo` of the tensor:
         each module adds strength * scale * up[rows] @ down to the rows it owns. With `before` (a
         buffer of the chunk's size in the fp16/bf16 output dtype), counts the changes the cast loses."""
+        import torch
+
         if strength == 0.0:
             return
         width = factors[0].down.shape[1]

@@ -160,6 +160,7 @@ def extract_command(
     """Extract a LoRA from a fine-tune: per module the best rank-R approximation of (tuned - base) by SVD,
     plus (unless --lora-only) the exact changes of biases, norms, conv_in/conv_out and the time embedding
     in the keys A1111 and ComfyUI read (diff_b, w_norm/b_norm, diff)."""
+    _check_headers(tuned, base)
     from workbench.lora.extract import extract
 
     comps = [c.strip() for c in components.split(",") if c.strip()]
@@ -250,6 +251,7 @@ def resize_command(
     output: Path = typer.Option(..., "-o", "--output", help="The LoRA .safetensors to write."),
 ) -> None:
     """Shrink a LoRA's rank by SVD, keeping each module's effective scale alpha/rank."""
+    _check_headers(lora, lora_file=True)
     from workbench.lora.combine import resize
 
     with _progress("resizing", "resize") as progress:
@@ -283,7 +285,6 @@ def merge_command(
     output: Path = typer.Option(..., "-o", "--output", help="The LoRA .safetensors to write."),
 ) -> None:
     """Combine LoRAs into one: sum of m_i * (alpha_i/r_i) * up_i @ down_i, exactly (rank grows) or by SVD."""
-    from workbench.lora.combine import merge_loras
     from workbench.lora.ops import parse_lora_spec
 
     specs = []
@@ -292,6 +293,8 @@ def merge_command(
         if spec.te is not None:
             raise WorkbenchError(f"{text!r}: one strength per LoRA in a merge (LORA:STRENGTH)")
         specs.append((spec.path, spec.strength))
+    _check_headers(*(path for path, _ in specs), lora_file=True)
+    from workbench.lora.combine import merge_loras
     with _progress("merging", "merge") as progress:
         res = merge_loras(
             specs,
@@ -423,3 +426,13 @@ def print_baked(metadata: dict[str, str]) -> None:
             r["step"], r["into"], r["lora"], (r["sha256"] or "")[:10], f"{r['te']:g}", f"{r['unet']:g}"
         )
     out.print(table)
+
+
+def _check_headers(*paths, lora_file: bool = False) -> None:
+    """Refuse a bad input from its header before the command imports torch (2 s): a broken file,
+    a fifo or a LoRA with an unknown layout is one line at once, not after the wait."""
+    from workbench.checkpoint.lora_format import open_lora
+    from workbench.checkpoint.reader import open_checkpoint
+
+    for path in paths:
+        (open_lora if lora_file else open_checkpoint)(path).close()

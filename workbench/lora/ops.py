@@ -111,11 +111,16 @@ def bake(
     command: str | None = None,
 ) -> BakeResult:
     """Bake LoRAs into a checkpoint through the merge engine (see the module docstring)."""
-    from workbench.merge.engine import merge
+    from workbench.merge.plan import plan_merge
 
     recipe = bake_recipe(base, loras, te_scale, unet_scale, dtype)
-    result = merge(recipe, out_path, threads, progress, command)
-    plan = result.plan
+    plan = plan_merge(recipe, out_path)  # from the headers: a LoRA that does not fit is refused here
+    try:
+        from workbench.merge.engine import execute
+
+        result = execute(plan, out_path, threads, progress, command)
+    finally:
+        plan.close()
     modules, lost = {}, {}
     for src in plan.sources.values():
         if src.lora is not None:

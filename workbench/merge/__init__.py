@@ -1,7 +1,8 @@
 """wb merge: streaming checkpoint merges with recipes, block weights and provenance.
 
-methods.py (formulas), blocks.py (block-weight names), recipe.py (the merge graph), engine.py (plan
-from headers, stream key by key), provenance.py (metadata and ancestry), replay.py, cli.py (Typer).
+methods.py (formulas), blocks.py (block-weight names), recipe.py (the merge graph), plan.py (what
+happens to each key, from the headers), engine.py (stream key by key), provenance.py (metadata and
+ancestry), replay.py, cli.py (Typer).
 
 Nothing is imported eagerly: `wb --help` must not pay for torch. The names below load on first use.
 """
@@ -11,11 +12,11 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "MergePlan": "engine",
-    "MergeResult": "engine",
+    "MergePlan": "plan",
+    "MergeResult": "plan",
     "execute": "engine",
     "merge": "engine",
-    "plan_merge": "engine",
+    "plan_merge": "plan",
     "ancestry_tree": "provenance",
     "render_ancestry": "provenance",
     "Recipe": "recipe",

@@ -181,7 +181,7 @@ def _merge_command(
 
 
 def _run(recipe, output: Path, threads: int, dry_run: bool, command: str, reads=()) -> None:
-    from workbench.merge.engine import plan_merge
+    from workbench.merge.plan import plan_merge  # no torch yet: bad inputs are refused first
 
     plan = plan_merge(recipe, output, reads=reads)
     try:

@@ -29,7 +29,7 @@ from workbench.merge.recipe import Recipe, Step
 if TYPE_CHECKING:
     from rich.tree import Tree
 
-    from workbench.merge.engine import MergePlan
+    from workbench.merge.plan import MergePlan
 
 # A1111's names for the methods it has; the others go by wb's name.
 A1111_METHOD_NAMES = {"weighted": "Weighted sum", "add-diff": "Add difference"}

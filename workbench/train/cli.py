@@ -89,11 +89,10 @@ def train(
     a checkpoint and a resumable state; `wb train --resume RUNDIR` continues exactly from there.
     `--processes N` trains N x batch_size examples per step, each process its share (docs/train.md).
     """
-    from workbench.train.loop import resume_training
-    from workbench.train.loop import train as run_training
-
     overrides = list(overrides or [])
     if resume is not None:
+        from workbench.train.loop import resume_training
+
         if recipe is not None or ed2 is not None or overrides or output is not None:
             raise WorkbenchError(
                 "--resume: continues the run with the recipe its run.json records; "
@@ -113,6 +112,8 @@ def train(
     if output is None:
         stem = (recipe or ed2).stem
         output = Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    from workbench.train.loop import train as run_training  # torch: after the recipe was checked
+
     result = _run(functools.partial(run_training, source=source), (r, output), processes, r)
     _print_result(result)
 
