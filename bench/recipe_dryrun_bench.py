@@ -6,7 +6,7 @@ Writes two toy checkpoints (wb's toy base, 513 keys, with seeded noise added) an
 temporary folder: step i is weighted(previous, B) (odd i) or add-diff(previous, B, C) (even i).
 Each dry-run runs in a fresh process (`python -m workbench.cli`) that reports, per phase:
 
-- imports: `import workbench.cli` (torch included): the same for every recipe;
+- imports: `import workbench.cli` (no torch: a dry run never imports it): the same for every recipe;
 - command: everything after the imports: read + check the recipe, plan, print;
 - read: the YAML read and the recipe checked (documents.py, recipe_schema.py, recipe.py);
 - plan: `plan_merge` alone (headers opened, every key planned; the inputs' sha256 come from
@@ -36,7 +36,7 @@ CHILD = r"""
 import functools, json, sys, time
 t0 = time.perf_counter()
 import workbench.cli as cli
-from workbench.merge import cli as merge_cli, engine, recipe
+from workbench.merge import cli as merge_cli, plan, recipe
 t1 = time.perf_counter()
 hwm_imports = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM"))
 phases = {}
@@ -51,7 +51,7 @@ def timed(module, name, label):
             phases[label] = phases.get(label, 0.0) + time.perf_counter() - s
     setattr(module, name, wrapper)
 timed(recipe, "load_yaml", "read")
-timed(engine, "plan_merge", "plan")
+timed(plan, "plan_merge", "plan")
 timed(merge_cli, "_print_plan", "print")
 sys.argv = ["wb", "merge", "run", *sys.argv[1:]]
 code = 0
@@ -62,6 +62,7 @@ except SystemExit as e:
 t2 = time.perf_counter()
 hwm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM"))
 print(json.dumps({"imports": t1 - t0, "command": t2 - t1, **phases, "code": code,
+                  "torch": "torch" in sys.modules,
                   "hwm_mb": hwm / 1024, "hwm_imports_mb": hwm_imports / 1024}), file=sys.stderr)
 """
 
@@ -146,7 +147,8 @@ def main() -> None:
     for label, r in [*results.items(), ("1500 !", refused)]:
         vals = " ".join(f"{r.get(c, 0.0):9.3f}" for c in cols)
         rise = r["hwm_mb"] - r["hwm_imports_mb"]
-        print(f"{label:>7} {vals} {r['hwm_mb']:9.0f} {rise:6.1f}   exit {r['code']}, {r['lines']} lines")
+        note = f"exit {r['code']}, {r['lines']} lines" + (", torch imported" if r.get("torch") else "")
+        print(f"{label:>7} {vals} {r['hwm_mb']:9.0f} {rise:6.1f}   {note}")
     print(f"        (step 1,400 malformed) {r['error'][0] if r['error'] else 'NOT REFUSED'}")
     small = results[SIZES[0]]
     print("ratio to 15 steps (linear: 10x at 150, 100x at 1500; fixed costs make it smaller):")
