@@ -455,7 +455,10 @@ def _check_complete(path: Path, mod: LoraModule) -> None:
         raise WorkbenchError(f"{path}: module {mod.name} mixes {', '.join(sorted(mod.keys.values()))}")
     if mod.kind in ("full", "norm"):
         if not roles - {"alpha"}:
-            raise WorkbenchError(f"{path}: module {mod.name} has no tensor")
+            only = ", ".join(sorted(mod.keys.values()))
+            raise WorkbenchError(
+                f"{path}: module {mod.name} has no down/up tensor (nor diff, w_norm): only {only}"
+            )
         weight, bias = mod.infos.get(WEIGHT_ROLE[mod.kind]), mod.infos.get(mod.bias_role or "")
         if bias is not None and (
             len(bias.shape) != 1 or (weight is not None and bias.shape[0] != weight.shape[0])
