@@ -13,31 +13,15 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from typer.testing import CliRunner
+from test_lora_cli import ok, one_error_line
 
 from workbench.checkpoint.reader import open_checkpoint
-from workbench.cli import app
 from workbench.lora.ops import LoraSpec, bake
 from workbench.toy.model import toy_init
 from workbench.toy.tiny import tiny_checkpoint
 
-runner = CliRunner()
 U = "model.diffusion_model."
 TE = "cond_stage_model.transformer.text_model.encoder.layers.0.self_attn."
-
-
-def ok(args):
-    result = runner.invoke(app, [str(a) for a in args])
-    assert result.exit_code == 0, result.output
-    return result
-
-
-def one_error_line(args):
-    result = runner.invoke(app, [str(a) for a in args])
-    assert result.exit_code == 2, result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), result.output
-    return lines[0]
 
 
 def _planted(base, path, changes: dict[str, torch.Tensor]):

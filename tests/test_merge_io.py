@@ -157,3 +157,24 @@ def test_bake_reads_the_base_only_with_pread(tmp_path, monkeypatch):
     torch.testing.assert_close(got[key], want, rtol=1e-6, atol=1e-7)
     for key in ("first_stage_model.decoder.conv_in.weight", U + "out.0.weight", POS):  # untouched
         assert torch.equal(got[key], w[key]) and got[key].dtype == w[key].dtype
+
+
+def test_writeback_requests_leave_the_bytes_alone(tmp_path, monkeypatch):
+    """The engine asks the kernel to start writing back every WRITEBACK bytes (sync_file_range).
+    With a 1-byte period it asks after every key; the file is byte for byte the one written
+    without asking (the tensors; the metadata names each file), and the requests were really made."""
+    from workbench.checkpoint import files
+
+    a, b = toy_init(tmp_path / "a.safetensors"), toy_init(tmp_path / "b.safetensors", seed=7)
+    merge(single_step("weighted", [a, b], {"alpha": 0.3}), tmp_path / "plain.safetensors", threads=2)
+    plain = load_file(tmp_path / "plain.safetensors")
+    calls = []
+    real = files.start_writeback
+    monkeypatch.setattr(safetensors_io, "start_writeback", lambda fd: (calls.append(fd), real(fd)))
+    monkeypatch.setattr(engine, "WRITEBACK", 1)
+    for threads in (1, 2):
+        out = tmp_path / f"flushed{threads}.safetensors"
+        merge(single_step("weighted", [a, b], {"alpha": 0.3}), out, threads=threads)
+        got = load_file(out)
+        assert got.keys() == plain.keys() and all(torch.equal(got[k], plain[k]) for k in plain)
+    assert len(calls) > 100
